@@ -1,0 +1,118 @@
+"""Partitions of the source key space: half-open ranges open at both ends, plus a bucket for NULL keys.
+
+A partition travels through XCom as a small dict (``Partition.to_dict``); it never carries rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PARTITION_KEYS = ("external_id", "account")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Rows whose partition column is in ``[lower, upper)``; ``None`` bounds are open; ``null_bucket`` is IS NULL."""
+
+    index: int
+    count: int
+    key: str  # "external_id" or "account"
+    lower: str | None
+    upper: str | None
+    null_bucket: bool = False
+    expected_rows: int = 0
+
+    @property
+    def label(self) -> str:
+        """What the Airflow UI shows for this map index, e.g. ``P03 [OPP-0420…, OPP-0630)``."""
+        if self.null_bucket:
+            return f"P{self.index:02d} NULL {self.key}"
+        lo = "−∞" if self.lower is None else _short(self.lower)
+        hi = "+∞" if self.upper is None else _short(self.upper)
+        return f"P{self.index:02d} [{lo}, {hi})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "label": self.label}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Partition:
+        fields = {k: data[k] for k in ("index", "count", "key", "lower", "upper", "null_bucket", "expected_rows")
+                  if k in data}
+        return cls(**fields)
+
+    def contains(self, value: str | None) -> bool:
+        if self.null_bucket:
+            return value is None
+        if value is None:
+            return False
+        return (self.lower is None or value >= self.lower) and (self.upper is None or value < self.upper)
+
+
+def _short(value: str, width: int = 12) -> str:
+    return value if len(value) <= width else value[:width] + "…"
+
+
+def partition_column(partition: Partition, key_column: str, account_column: str) -> str:
+    return account_column if partition.key == "account" else key_column
+
+
+def order_columns(partition: Partition, key_column: str, account_column: str) -> list[str]:
+    """Rows stream in this order; ``account`` keeps one Account's Opportunities together (no lock contention)."""
+    return [account_column, key_column] if partition.key == "account" else [key_column]
+
+
+def quote_ident(name: str) -> str:
+    """A double-quoted SQL identifier (names come from the validated settings file, never from data)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def range_query(partition: Partition, *, dmo: str, columns: list[str], key_column: str, account_column: str,
+                resume_after: list[str | None] | None = None) -> tuple[str, dict[str, Any]]:
+    """SQL and ``sqlParameters`` values that select one partition's rows in stream order.
+
+    ``resume_after`` is the ordering key of the last row already committed (``order_columns`` order): the
+    query then starts strictly after it, so a retried task never re-reads committed rows. Values from data
+    are parameters, never text in the SQL.
+    """
+    part_col = quote_ident(partition_column(partition, key_column, account_column))
+    order = order_columns(partition, key_column, account_column)
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    if partition.null_bucket:
+        where.append(f"{part_col} IS NULL")
+    else:
+        if partition.lower is not None:
+            where.append(f"{part_col} >= :lower")
+            params["lower"] = partition.lower
+        if partition.upper is not None:
+            where.append(f"{part_col} < :upper")
+            params["upper"] = partition.upper
+    if resume_after is not None:
+        where.append(_after_predicate(order, resume_after, params))
+    sql = f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM {quote_ident(dmo)}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY " + ", ".join(quote_ident(c) for c in order)
+    return sql, params
+
+
+def _after_predicate(order: list[str], after: list[str | None], params: dict[str, Any]) -> str:
+    """Lexicographic ``(c1, c2) > (v1, v2)`` spelled out, NULL-safe for the leading column of the NULL bucket."""
+    terms = []
+    for i, column in enumerate(order):
+        eqs = []
+        for j in range(i):
+            name = f"after_{j}"
+            if after[j] is None:
+                eqs.append(f"{quote_ident(order[j])} IS NULL")
+            else:
+                params[name] = after[j]
+                eqs.append(f"{quote_ident(order[j])} = :{name}")
+        if after[i] is None:
+            # Everything non-NULL sorts after NULL (NULLS FIRST in our ORDER BY for this column).
+            terms.append("(" + " AND ".join([*eqs, f"{quote_ident(column)} IS NOT NULL"]) + ")")
+        else:
+            params[f"after_{i}"] = after[i]
+            terms.append("(" + " AND ".join([*eqs, f"{quote_ident(column)} > :after_{i}"]) + ")")
+    return "(" + " OR ".join(terms) + ")"
