@@ -35,7 +35,8 @@ def serve(args: argparse.Namespace) -> None:
     path = org.write_connection_file()
     print(f"emulator: {org.instance_url} profile={org.profile.name} connection file {path}", flush=True)
     config = uvicorn.Config(create_app(org), ssl_certfile=str(org.tls.server_cert), ssl_keyfile=str(org.tls.server_key),
-                            log_level=args.log_level, access_log=False, lifespan="on", timeout_keep_alive=75)
+                            log_level=args.log_level, access_log=False, lifespan="on", timeout_keep_alive=75,
+                            timeout_graceful_shutdown=2)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -43,7 +44,7 @@ def seed(args: argparse.Namespace) -> None:
     from .seed import seed_org
 
     summary = seed_org(Path(args.data_dir), records=args.records, accounts=args.accounts,
-                       random_seed=args.random_seed, bad_rows=args.bad_rows)
+                       random_seed=args.random_seed, bad_rows=args.bad_rows, null_keys=args.null_keys)
     for key, value in summary.items():
         print(f"{key}: {value}")
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--accounts", type=int, default=None, help="default: records / 40, at least 10")
     s.add_argument("--random-seed", type=int, default=42)
     s.add_argument("--bad-rows", type=int, default=0)
+    s.add_argument("--null-keys", type=int, default=0, help="rows whose ExternalId__c is NULL (otherwise valid)")
     s.set_defaults(func=seed)
     args = parser.parse_args(argv)
     args.func(args)

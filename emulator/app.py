@@ -109,6 +109,10 @@ def create_app(org: Org) -> FastAPI:
     app = FastAPI(title="Salesforce org emulator", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     app.state.org = org
+    # Modules may hook the control plane: ``on_reset(org)`` for POST /__emulator/reset, ``extra_stats(org)``
+    # for GET /__emulator/stats.
+    app.state.reset_hooks = [m.on_reset for m in ROUTE_MODULES if hasattr(m, "on_reset")]
+    app.state.extra_stats = [m.extra_stats for m in ROUTE_MODULES if hasattr(m, "extra_stats")]
     for module in ROUTE_MODULES:
         app.include_router(module.router)
 

@@ -18,7 +18,8 @@ _RULE_FIELDS = {f.name for f in fields(FaultRule)}
 # Profile settings a fault plan may change while the org runs.
 _PROFILE_KNOBS = ("lock_contention_rate", "session_lifetime_s", "rest_latency_ms", "job_dequeue_delay_s",
                   "dc_result_ttl_s", "dc_first_page_max_rows", "dc_page_max_bytes", "per_record_ms",
-                  "org_worker_threads", "max_batch_retries", "batch_time_limit_s", "time_scale")
+                  "org_worker_threads", "max_batch_retries", "batch_time_limit_s", "time_scale",
+                  "fail_job_after_records")
 
 
 @router.get("/health")
@@ -31,7 +32,7 @@ async def health(request: Request) -> Response:
 async def stats(request: Request) -> Response:
     org = org_of(request)
     body = org.stats.snapshot()
-    for module_stats in request.app.state.__dict__.get("_state", {}).get("extra_stats", []):
+    for module_stats in getattr(request.app.state, "extra_stats", []):
         body.update(module_stats(org))
     return json_response(body)
 
@@ -69,7 +70,7 @@ async def put_faults(request: Request) -> Response:
 async def clear_faults(request: Request) -> Response:
     org = org_of(request)
     org.fault_rules = []
-    org.profile = org.profile.with_overrides(lock_contention_rate=0.0)
+    org.profile = org.profile.with_overrides(lock_contention_rate=0.0, fail_job_after_records=0)
     return Response(status_code=204)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -26,6 +27,9 @@ class EmulatorProcess:
         self.proc: subprocess.Popen | None = None
         self.info: dict[str, Any] = {}
         self._http = requests.Session()
+        # REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE in the environment would override ``verify`` (requests merges the
+        # environment over session settings); the control plane must trust the emulator's own CA.
+        self._http.trust_env = False
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> EmulatorProcess:
@@ -59,6 +63,10 @@ class EmulatorProcess:
         raise RuntimeError(f"emulator did not become ready in {timeout}s; see {self.log_path}")
 
     def stop(self, kill: bool = False) -> None:
+        # An idle keep-alive TLS connection holds uvicorn's graceful shutdown until the client goes away; sockets
+        # of failed readiness probes can linger in reference cycles (traceback -> frame), hence the collect.
+        self._http.close()
+        gc.collect()
         if self.proc and self.proc.poll() is None:
             if kill:
                 self.proc.kill()

@@ -49,6 +49,7 @@ def sf_session(emulator: EmulatorProcess):
     import requests
 
     session = requests.Session()
+    session.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override ``verify``
     session.verify = emulator.ca_bundle
     session.headers["Authorization"] = f"Bearer {emulator.access_token()}"
     return session
