@@ -123,9 +123,10 @@ class EmulatorProcess:
         resp.raise_for_status()
         return resp.json()["access_token"]
 
-    def seed(self, records: int, accounts: int | None = None, random_seed: int = 42, bad_rows: int = 0) -> str:
+    def seed(self, records: int, accounts: int | None = None, random_seed: int = 42, bad_rows: int = 0,
+             null_keys: int = 0) -> str:
         cmd = [sys.executable, "-m", "emulator", "seed", "--data-dir", str(self.data_dir), "--records", str(records),
-               "--random-seed", str(random_seed), "--bad-rows", str(bad_rows)]
+               "--random-seed", str(random_seed), "--bad-rows", str(bad_rows), "--null-keys", str(null_keys)]
         if accounts is not None:
             cmd += ["--accounts", str(accounts)]
         root = Path(__file__).resolve().parent.parent

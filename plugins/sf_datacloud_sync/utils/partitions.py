@@ -88,6 +88,9 @@ def range_query(partition: Partition, *, dmo: str, columns: list[str], key_colum
         if partition.upper is not None:
             where.append(f"{part_col} < :upper")
             params["upper"] = partition.upper
+        if partition.lower is None and partition.upper is None:
+            # The only data partition (n=1): "(-inf, +inf)" must still leave NULL keys to the NULL bucket.
+            where.append(f"{part_col} IS NOT NULL")
     if resume_after is not None:
         where.append(_after_predicate(order, resume_after, params))
     sql = f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM {quote_ident(dmo)}"
