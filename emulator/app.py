@@ -20,7 +20,8 @@ from .state import Org
 ROUTE_MODULES = (auth, rest, bulk_ingest, bulk_query, datacloud, control)
 
 # Collapse ids, versions and locators so that stats group requests by endpoint.
-_ID_SEGMENT = re.compile(r"/(?:[a-zA-Z0-9]{15}|[a-zA-Z0-9]{18}|[0-9a-f-]{32,36}|01g[A-Za-z0-9]+-\d+)(?=/|$)")
+# Record ids always contain a digit (their key prefix does), unlike path words such as "unprocessedrecords".
+_ID_SEGMENT = re.compile(r"/(?:(?=[a-zA-Z]*\d)(?:[a-zA-Z0-9]{18}|[a-zA-Z0-9]{15})|[0-9a-f-]{32,36}|01g[A-Za-z0-9]+-\d+)(?=/|$)")
 _VERSION = re.compile(r"/v\d+\.\d+")
 
 

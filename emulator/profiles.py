@@ -28,6 +28,7 @@ class Profile:
     max_batch_retries: int = 20
     lock_wait_timeout_s: float = 10.0
     lock_contention_rate: float = 0.0  # extra, fault-injected share of rows failing UNABLE_TO_LOCK_ROW
+    fail_job_after_records: int = 0  # fault: a Bulk ingest job fails once it has processed this many rows (0 = off)
     dc_request_latency_ms: float = 0.0
     dc_execution_s: float = 0.0
     dc_first_page_max_rows: int = 2_000
