@@ -1,0 +1,118 @@
+"""BulkJobsTrigger against real Bulk API 2.0 jobs in the emulator (HTTPS, async hook path)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import time
+
+import pytest
+
+from sf_datacloud_sync.triggers.bulk_jobs import BulkJobsTrigger
+
+HEADER = ["ExternalId__c", "Name", "StageName", "CloseDate", "Account.ExternalId__c"]
+
+
+@pytest.fixture
+def sf(clean_emulator, monkeypatch):
+    from sf_datacloud_sync.hooks._http import RetryPolicy
+    from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
+
+    monkeypatch.setenv("AIRFLOW_CONN_SALESFORCE_DEFAULT", clean_emulator.info["airflow_conn"])
+    hook = SalesforceBulk2Hook(retry=RetryPolicy(max_attempts=3, max_elapsed=5, base_delay=0.01, max_delay=0.05))
+    yield hook
+    hook.close()
+    clean_emulator.set_faults(per_record_ms=0)  # clear_faults keeps timing knobs; the next test wants speed
+
+
+def submit(hook, n: int, prefix: str, *, bad: int = 0) -> str:
+    from sf_datacloud_sync.utils.csv_encoder import CsvEncoder
+
+    enc = CsvEncoder(HEADER)
+    rows = [[f"{prefix}-{i:05d}", "" if i < bad else f"Deal {i}", "Prospecting", "2026-03-31",
+             f"ACC-{1 + i % 50:07d}"] for i in range(n)]
+    return hook.submit_ingest_job("Opportunity", enc.header_bytes + enc.encode_rows(rows),
+                                  external_id_field="ExternalId__c")["id"]
+
+
+async def collect(trigger: BulkJobsTrigger) -> list:
+    return [event async for event in trigger.run()]
+
+
+def test_serialize_round_trip():
+    trigger = BulkJobsTrigger(conn_id="sf", job_ids=["750A", "750B", "750A"], poll_interval=0.5,
+                              max_poll_interval=4, timeout=60, label="P01 [a, b)")
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "sf_datacloud_sync.triggers.bulk_jobs.BulkJobsTrigger"
+    module, name = classpath.rsplit(".", 1)
+    again = getattr(importlib.import_module(module), name)(**kwargs)
+    assert again.serialize() == (classpath, kwargs)
+    assert kwargs["job_ids"] == ["750A", "750B"]  # de-duplicated, order kept
+    # The absolute deadline travels, so a trigger moved to another triggerer does not wait afresh.
+    assert kwargs["deadline"] == pytest.approx(time.time() + 60, abs=5)
+    json.dumps(kwargs)
+
+
+async def test_all_jobs_finish_one_small_success_event(sf):
+    jobs = [submit(sf, 40, "TA", bad=2), submit(sf, 25, "TB"), submit(sf, 10, "TC")]
+    events = await collect(BulkJobsTrigger("salesforce_default", jobs, poll_interval=0.05, max_poll_interval=0.2,
+                                           timeout=60))
+    assert len(events) == 1
+    payload = events[0].payload
+    assert payload["status"] == "success"
+    assert payload["jobs"] == {
+        jobs[0]: {"state": "JobComplete", "processed": 40, "failed": 2},
+        jobs[1]: {"state": "JobComplete", "processed": 25, "failed": 0},
+        jobs[2]: {"state": "JobComplete", "processed": 10, "failed": 0},
+    }
+    assert len(json.dumps(payload)) < 400  # ids and counts only, never rows
+
+
+async def test_failed_job_is_terminal_and_carries_its_error(sf, clean_emulator):
+    clean_emulator.set_faults(fail_job_after_records=10)
+    job = submit(sf, 30, "TF")
+    (event,) = await collect(BulkJobsTrigger("salesforce_default", [job], poll_interval=0.05, timeout=60))
+    entry = event.payload["jobs"][job]
+    assert event.payload["status"] == "success"  # every job is finished; judging them is the operator's job
+    assert entry["state"] == "Failed" and entry["error"].startswith("Unknown")
+    assert "ended Failed/Aborted" in event.payload["message"]
+
+
+async def test_deadline_reports_still_running_not_failed(sf, clean_emulator):
+    clean_emulator.set_faults(per_record_ms=5)
+    job = submit(sf, 400, "TS")
+    try:
+        started = time.monotonic()
+        (event,) = await collect(BulkJobsTrigger("salesforce_default", [job], poll_interval=0.05, timeout=0.5))
+        assert time.monotonic() - started < 5
+        payload = event.payload
+        assert payload["status"] == "timeout"
+        assert payload["jobs"][job]["state"] in ("UploadComplete", "InProgress")
+        assert "STILL RUNNING" in payload["message"] and job in payload["message"]
+        assert "fail" not in payload["message"].lower().replace("not failed", "")
+    finally:
+        sf.abort_job(job)
+
+
+async def test_unknown_job_is_an_error_event(sf):
+    (event,) = await collect(BulkJobsTrigger("salesforce_default", ["750000000000000AAA"], poll_interval=0.05,
+                                             timeout=30))
+    assert event.payload["status"] == "error"
+    assert "NOT_FOUND" in event.payload["message"]
+
+
+async def test_on_kill_aborts_the_jobs_still_running(sf, clean_emulator):
+    done_job = submit(sf, 1, "TD")
+    assert sf.wait_for_job(done_job, timeout=30, poll_interval=0.05).finished
+    clean_emulator.set_faults(per_record_ms=5)
+    running = submit(sf, 400, "TK")
+    trigger = BulkJobsTrigger("salesforce_default", [running, done_job], poll_interval=0.05, timeout=60)
+    task = asyncio.ensure_future(collect(trigger))
+    await asyncio.sleep(0.5)
+    task.cancel()  # what the triggerer does on mark-failed / clear, before it calls on_kill
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await trigger.on_kill()
+    assert sf.get_job(running)["state"] == "Aborted"
+    assert sf.get_job(done_job)["state"] == "JobComplete"
