@@ -41,9 +41,11 @@ def org_of(request: Request) -> Org:
 
 
 def issue_token(org: Org, user_id: str, client_id: str | None, kind: str = "access",
-                audience: str = CORE_AUDIENCE, lifetime_s: float | None = None) -> str:
-    prefix = org.credentials.org_id[:15] + "!" if audience == CORE_AUDIENCE else ""
-    token = prefix + secrets.token_urlsafe(72 if kind == "access" else 48)
+                audience: str = CORE_AUDIENCE, lifetime_s: float | None = None, token: str | None = None) -> str:
+    """Record and return a session; ``token`` lets a caller choose the string (the Data Cloud token is a JWT)."""
+    if token is None:
+        prefix = org.credentials.org_id[:15] + "!" if audience == CORE_AUDIENCE else ""
+        token = prefix + secrets.token_urlsafe(72 if kind == "access" else 48)
     now = time.time()
     if lifetime_s is None and kind == "access":
         lifetime_s = org.profile.session_lifetime_s
