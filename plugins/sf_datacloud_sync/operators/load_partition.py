@@ -225,7 +225,8 @@ class LoadPartitionOperator(BaseOperator):
                         trigger=BulkJobsTrigger(conn_id=self.conn_id, job_ids=running,
                                                 poll_interval=self.poll_interval or cfg.poll_interval_s,
                                                 max_poll_interval=cfg.poll_max_interval_s,
-                                                timeout=cfg.job_timeout_s, label=run.label),
+                                                timeout=cfg.job_timeout_s, label=run.label,
+                                                min_wait=cfg.min_defer_s),
                         method_name="execute_complete",
                         # Our trigger answers "timeout" at job_timeout_s; Airflow's own timeout is only a backstop.
                         timeout=timedelta(seconds=cfg.job_timeout_s + _DEFER_MARGIN_S),

@@ -31,10 +31,15 @@ class BulkJobsTrigger(BaseTrigger):
     :param deadline: Absolute deadline (epoch seconds); computed from ``timeout`` when not given and then
         serialized, so that a trigger moved to another triggerer keeps the original deadline.
     :param label: The partition label, for log lines.
+    :param min_wait: Seconds after deferral before the event may fire. Airflow 3.3 can fail a resumed task when
+        the trigger fires before the scheduler has drained the worker's defer-exit event (apache/airflow#72716,
+        #71580); Bulk jobs take longer than this anyway, so the wait costs nothing in practice.
+    :param not_before: Absolute form of ``min_wait`` (epoch seconds), serialized like ``deadline``.
     """
 
     def __init__(self, conn_id: str, job_ids: list[str], poll_interval: float = 2.0, max_poll_interval: float = 30.0,
-                 timeout: float = 21_600.0, deadline: float | None = None, label: str = "") -> None:
+                 timeout: float = 21_600.0, deadline: float | None = None, label: str = "", min_wait: float = 0.0,
+                 not_before: float | None = None) -> None:
         super().__init__()
         self.conn_id = conn_id
         self.job_ids = list(dict.fromkeys(job_ids))
@@ -43,6 +48,8 @@ class BulkJobsTrigger(BaseTrigger):
         self.timeout = float(timeout)
         self.deadline = float(deadline) if deadline is not None else time.time() + self.timeout
         self.label = label
+        self.min_wait = float(min_wait)
+        self.not_before = float(not_before) if not_before is not None else time.time() + self.min_wait
         self._pending: list[str] = list(self.job_ids)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -56,6 +63,8 @@ class BulkJobsTrigger(BaseTrigger):
                 "timeout": self.timeout,
                 "deadline": self.deadline,
                 "label": self.label,
+                "min_wait": self.min_wait,
+                "not_before": self.not_before,
             },
         )
 
@@ -99,6 +108,7 @@ class BulkJobsTrigger(BaseTrigger):
                     self.log.warning("%sBulk job status not available; polling again%s", self._prefix, unreachable)
                 self._pending = [j for j in self._pending if jobs[j]["state"] not in TERMINAL_STATES]
                 if not self._pending:
+                    await asyncio.sleep(max(0.0, self.not_before - time.time()))
                     failed = [j for j, e in jobs.items() if e["state"] != "JobComplete"]
                     note = f"; {len(failed)} ended Failed/Aborted: {', '.join(failed[:10])}" if failed else ""
                     yield TriggerEvent(self._event("success", jobs, f"{len(jobs)} Bulk jobs finished{note}"))

@@ -116,3 +116,15 @@ async def test_on_kill_aborts_the_jobs_still_running(sf, clean_emulator):
     await trigger.on_kill()
     assert sf.get_job(running)["state"] == "Aborted"
     assert sf.get_job(done_job)["state"] == "JobComplete"
+
+
+async def test_event_waits_for_min_wait_after_deferral(sf):
+    """A job that finishes at once still fires no earlier than ``min_wait`` (apache/airflow#72716 guard)."""
+    job = submit(sf, 5, "TW")
+    started = time.monotonic()
+    (event,) = await collect(BulkJobsTrigger("salesforce_default", [job], poll_interval=0.05, timeout=60,
+                                             min_wait=1.5))
+    assert event.payload["status"] == "success"
+    assert time.monotonic() - started >= 1.4
+    _, kwargs = BulkJobsTrigger("sf", ["750A"], min_wait=10).serialize()
+    assert kwargs["not_before"] == pytest.approx(time.time() + 10, abs=5)  # absolute, survives a move
