@@ -391,6 +391,9 @@ def test_insert_update_delete_operations(bulk: Bulk, clean_emulator: EmulatorPro
     gone, info = bulk.run(f"Id\n{opp_id}\n{opp_id}\n", operation="delete", externalIdFieldName=None)
     assert bulk.result(gone, "successfulResults")[0]["sf__Created"] == "false"
     assert opportunity(clean_emulator, "DEL-1") is None
+    # The session emulator's Accounts are shared with later tests: leave exactly the seeded ones.
+    _, info = bulk.run(f"Id\n{acc}\n", object="Account", operation="hardDelete", externalIdFieldName=None)
+    assert info["numberRecordsFailed"] == 0
 
 
 def test_multipart_create_with_data(bulk: Bulk) -> None:
