@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ROWS ?= 200000
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint demo demo-stop status bench bench-smoke emulator seed constraints clean
+.PHONY: venv test test-slow lint demo demo-stop status bench bench-smoke emulator seed constraints clean
 
 # Re-created whenever a requirements or constraints file changes.
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
@@ -25,6 +25,10 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The reliability scenarios under a real executor (airflow standalone: worker SIGKILL, emergency stop); minutes.
+test-slow: $(STAMP)
+	SCENARIOS_REAL_EXECUTOR=1 $(PY) -m pytest tests/scenarios -m real_executor $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	ROWS=$(ROWS) bash include/scripts/demo.sh

@@ -9,7 +9,6 @@ Bulk jobs of one partition, and Salesforce's parallel internal batches of one jo
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sqlite3
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from emulator.harness import EmulatorProcess
+from tests.e2e_support import DC_COLUMNS, SF_COLUMNS, manifest, norm, run, states, xcom
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +30,6 @@ DAG_ID = "datacloud_opportunity_sync"
 RECORDS = 20_000
 BAD_ROWS = 30
 NULL_KEYS = 5
-DC_COLUMNS = ("ExternalId__c", "AccountExternalId__c", "Name__c", "StageName__c", "CloseDate__c", "Amount__c",
-              "Probability__c", "Type__c", "LeadSource__c", "Description__c")
-SF_COLUMNS = ("o.ExternalId__c", "a.ExternalId__c", "o.Name", "o.StageName", "o.CloseDate", "o.Amount",
-              "o.Probability", "o.Type", "o.LeadSource", "o.Description")
 
 
 @pytest.fixture(scope="module")
@@ -99,40 +95,7 @@ def fresh_org(org: EmulatorProcess) -> Iterator[EmulatorProcess]:
 
 # -- helpers ---------------------------------------------------------------------------------------------------
 
-DEFAULT_CONF = {"partitions": 4, "target_partition_rows": None, "partition_key": "account",
-                "max_records_per_job": 50_000, "dry_run": False, "tolerance": 0}
-
-
-def run(dag: Any, org: EmulatorProcess, **conf: Any) -> Any:
-    """``dag.test()`` with every param given: in-process runs leak one run's conf into the next run's params."""
-    org.control("POST", "stats/reset")  # duplicate_uploads etc. per run
-    return dag.test(run_conf={**DEFAULT_CONF, **conf})
-
-
-def states(dr: Any) -> dict[tuple[str, int], str]:
-    return {(ti.task_id, ti.map_index): ti.state for ti in dr.get_task_instances()}
-
-
-def xcom(dr: Any, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        row = session.scalars(XComModel.get_many(run_id=dr.run_id, key=key, dag_ids=DAG_ID, task_ids=task_id,
-                                                 map_indexes=map_index)).first()
-        return None if row is None else XComModel.deserialize_value(row)
-
-
-def manifest(org: EmulatorProcess) -> dict[str, Any]:
-    return json.loads((org.data_dir / "seed_manifest.json").read_text())
-
-
-def _norm(field: str, value: Any) -> Any:
-    if value is None or value == "":
-        return None  # Salesforce has no empty strings: blank is null
-    if field in ("Amount__c", "Probability__c"):
-        return round(float(value), 2)
-    return value
+# run, states, xcom, manifest, norm: shared with tests/scenarios (tests/e2e_support.py).
 
 
 def assert_every_row_matches(org: EmulatorProcess) -> None:
@@ -150,7 +113,7 @@ def assert_every_row_matches(org: EmulatorProcess) -> None:
     mismatches = [(key, field, src[i], target[key][i])
                   for key, src in source.items() if key in target
                   for i, field in enumerate(DC_COLUMNS)
-                  if _norm(field, src[i]) != _norm(field, target[key][i])]
+                  if norm(field, src[i]) != norm(field, target[key][i])]
     assert mismatches[:10] == [] and len(mismatches) == 0
 
 

@@ -96,7 +96,10 @@ def range_query(partition: Partition, *, dmo: str, columns: list[str], key_colum
     sql = f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM {quote_ident(dmo)}"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY " + ", ".join(quote_ident(c) for c in order)
+    # NULLS FIRST spelled out: Data Cloud (Hyper, like PostgreSQL) puts NULLs LAST for ASC by default, and
+    # ``_after_predicate`` resumes assuming they come first; under NULLS LAST a resume after (account, key)
+    # skipped the account's NULL-key rows that came after it.
+    sql += " ORDER BY " + ", ".join(f"{quote_ident(c)} NULLS FIRST" for c in order)
     return sql, params
 
 
