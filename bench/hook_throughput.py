@@ -64,7 +64,11 @@ def measure(info: dict[str, Any], rows: int, max_records_per_job: int, page_rows
     os.environ["AIRFLOW_CONN_SALESFORCE_DEFAULT"] = info["airflow_conn"]
     from sf_datacloud_sync.hooks.datacloud import DataCloudHook
     from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
+    from sf_datacloud_sync.utils import transfer
     from sf_datacloud_sync.utils.transfer import stream_rows_to_jobs
+
+    if os.environ.get("BENCH_NO_TRIM"):
+        transfer.release_free_heap = lambda: False  # what the transfer did before it trimmed the heap per job
 
     bulk = SalesforceBulk2Hook()
     datacloud = DataCloudHook(salesforce_hook=bulk)
@@ -145,6 +149,8 @@ def run_size(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     emulator.seed(records=rows, random_seed=42)
     seed_s = time.perf_counter() - t0
     child_env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'plugins'}"}
+    if args.no_trim:
+        child_env["BENCH_NO_TRIM"] = "1"
     if args.malloc_mmap_threshold:
         # glibc raises its mmap threshold after freeing a large block, then keeps later multi-MB page buffers
         # in per-thread heaps: a fixed threshold returns them to the OS (a worker-level setting, not code).
@@ -191,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="row order: by external id, or grouped by Account (fewer parent-lock conflicts)")
     parser.add_argument("--spool-mb", type=float, default=None,
                         help="job CSVs move to a temp file above this size (default: transfer's 1 MiB; 0 = memory)")
+    parser.add_argument("--no-trim", action="store_true",
+                        help="no malloc_trim after each job (to show what utils.memory.release_free_heap changes)")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="run the client with glibc's MALLOC_MMAP_THRESHOLD_ fixed (e.g. 131072)")
     parser.add_argument("--work-dir", default=None, help="where emulator data directories go (default: tmp)")
@@ -223,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "settings": {"max_records_per_job": args.max_records_per_job, "page_rows": args.page_rows,
                      "order": args.order, "spool_mb": args.spool_mb,
-                     "malloc_mmap_threshold": args.malloc_mmap_threshold},
+                     "malloc_mmap_threshold": args.malloc_mmap_threshold,
+                     "heap_trimmed_per_job": not args.no_trim},
         "results": results,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -41,6 +41,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -532,7 +533,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    # SystemExit unwinds the stack: the finally blocks stop Airflow and the emulator and save what was measured.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse_args(argv)
     if args.render_readme:
         source = args.output or RESULTS_DIR / f"{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d')}.json"

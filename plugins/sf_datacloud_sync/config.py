@@ -29,6 +29,7 @@ class LoadSettings:
     poll_max_interval_s: float = 30.0
     job_timeout_s: float = 21_600.0
     min_defer_s: float = 10.0
+    wait_before_defer_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def parse_config(raw: dict[str, Any]) -> SyncConfig:
             job_timeout_s=float(load_raw.get("job_timeout_s", defaults.job_timeout_s)),
             # SYNC_MIN_DEFER_S lets in-process test runs (dag.test, which has no scheduler race) skip the wait.
             min_defer_s=float(os.environ.get("SYNC_MIN_DEFER_S") or load_raw.get("min_defer_s", defaults.min_defer_s)),
+            wait_before_defer_s=float(load_raw.get("wait_before_defer_s", defaults.wait_before_defer_s)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"setting 'load' has a value of the wrong type: {exc}") from None

@@ -23,7 +23,7 @@ import io
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -499,36 +499,47 @@ class SalesforceBulk2Hook(SalesforceHook):
                     return info
             raise
 
+    async def apoll_in_order(self, job_ids: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+        """Poll jobs one after another, oldest first, up to and including the first one still running.
+
+        Salesforce works through an org's jobs roughly in the order they were closed, so while the oldest job runs
+        the later ones almost always run too: one request per round tells "not yet", and each job is asked once
+        more when its turn comes. This keeps the API requests of a wait near (rounds + jobs) instead of
+        (rounds × jobs).
+
+        :return: ``(job_id, info)`` for each job asked, in order; the last one is the first still running (if any).
+        """
+        polled: list[tuple[str, dict[str, Any]]] = []
+        for job_id in job_ids:
+            info = await self.aget_job(job_id)
+            polled.append((job_id, info))
+            if info.get("state", "") not in TERMINAL_STATES:
+                break
+        return polled
+
     async def await_jobs(self, job_ids: Iterable[str], timeout: float, poll_interval: float = 2.0,
-                         max_poll_interval: float = 30.0, max_concurrency: int = 8) -> dict[str, JobWait]:
+                         max_poll_interval: float = 30.0) -> dict[str, JobWait]:
         """Poll many ingest jobs until all are terminal or ``timeout`` seconds pass.
 
-        Each round polls the unfinished jobs concurrently (at most ``max_concurrency`` requests at once); the
-        interval between rounds backs off like :meth:`wait_for_job`.
+        Each round asks the unfinished jobs oldest first up to the first one still running
+        (:meth:`apoll_in_order`); the interval between rounds backs off like :meth:`wait_for_job`.
 
         :return: a :class:`JobWait` per job id, in the given order; ``finished=False`` for jobs still running
-            at the deadline.
+            at the deadline (or never asked because an older one was still running).
         """
         ids = list(dict.fromkeys(job_ids))
-        results: dict[str, JobWait] = {}
+        results = {j: JobWait(j, "", {}, False) for j in ids}
         deadline = time.monotonic() + timeout
         backoff = _PollBackoff(poll_interval, max_poll_interval)
-        gate = asyncio.Semaphore(max(1, max_concurrency))
-
-        async def poll(job_id: str) -> JobWait:
-            async with gate:
-                info = await self.aget_job(job_id)
-            state = info.get("state", "")
-            return JobWait(job_id, state, info, state in TERMINAL_STATES)
-
         pending = ids
         while True:
-            for wait in await asyncio.gather(*(poll(j) for j in pending)):
-                results[wait.job_id] = wait
+            for job_id, info in await self.apoll_in_order(pending):
+                state = info.get("state", "")
+                results[job_id] = JobWait(job_id, state, info, state in TERMINAL_STATES)
             pending = [j for j in pending if not results[j].finished]
             remaining = deadline - time.monotonic()
             if not pending or remaining <= 0:
-                return {j: results[j] for j in ids}
+                return results
             await asyncio.sleep(min(backoff(), remaining))
 
     async def aclose(self) -> None:

@@ -19,11 +19,8 @@ What one task instance does, in order (each step is recorded in the ledger, see
 
 from __future__ import annotations
 
-import csv
-import io
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from functools import cached_property
@@ -196,17 +193,20 @@ class LoadPartitionOperator(BaseOperator):
         if run is None:
             return
         run.killed.set()
-        for job_id in run.unfinished_job_ids():
-            try:
-                info = self.bulk.abort_job(job_id)
-                self.log.info("%s: aborted Bulk job %s (%s)", run.label, job_id, info.get("state"))
-            except Exception as exc:  # finished meanwhile (INVALIDJOBSTATE) or unreachable: keep going
-                self.log.warning("%s: could not abort Bulk job %s: %s", run.label, job_id, exc)
+        run.abort(run.unfinished_job_ids())
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def _open_run(self, context: Mapping[str, Any]) -> _PartitionRun:
-        self._run = _PartitionRun(self, context)
-        return self._run
+        from sf_datacloud_sync.utils.memory import limit_heap_retention
+
+        limit_heap_retention()  # the task process streams MB-sized pages for minutes: keep its RSS flat
+        from sf_datacloud_sync.stop import AttemptEndGuard
+
+        run = self._run = _PartitionRun(self, context)
+        # Marked failed while handing over to the triggerer, the attempt gets neither on_kill nor the trigger's:
+        # the guard aborts the open jobs once the task runner is done (see sf_datacloud_sync.stop).
+        AttemptEndGuard.install(context["ti"], run.unfinished_job_ids, run.abort, label=run.label, logger=self.log)
+        return run
 
     def _advance(self, run: _PartitionRun) -> dict[str, Any]:
         """Wait for running jobs, then read results and send follow-ups, until nothing is left to do."""
@@ -216,6 +216,11 @@ class LoadPartitionOperator(BaseOperator):
             if running:
                 run.ledger.phase = "waiting"
                 run.progress()
+                if self.deferrable and cfg.wait_before_defer_s > 0 and not run.wait_here(
+                        running, timeout=cfg.wait_before_defer_s, poll_interval=1.5):
+                    # Finished within seconds (small jobs, a quick org): a deferral would cost the triggerer round
+                    # trip, min_defer_s and a new task process, and more polls than this.
+                    continue
                 if self.deferrable:
                     from sf_datacloud_sync.triggers.bulk_jobs import BulkJobsTrigger
 
@@ -231,7 +236,11 @@ class LoadPartitionOperator(BaseOperator):
                         # Our trigger answers "timeout" at job_timeout_s; Airflow's own timeout is only a backstop.
                         timeout=timedelta(seconds=cfg.job_timeout_s + _DEFER_MARGIN_S),
                     )
-                run.wait_here(running)
+                still = run.wait_here(running, timeout=cfg.job_timeout_s)
+                if still:
+                    raise AirflowException(
+                        f"{run.label}: {len(still)} Bulk jobs STILL RUNNING at Salesforce (not failed): "
+                        f"{', '.join(still[:20])}. A retry or a clear re-attaches to them.")
                 continue
             if run.ledger.pending_round or run.ledger.finished_job_ids():
                 run.check_fatal()
@@ -287,15 +296,13 @@ class _PartitionRun:
         self.run_id = str(context.get("run_id") or ti.run_id)
         self.lock = threading.RLock()
         self.killed = threading.Event()
+        self.aborted: set[str] = set()
         self._last_line = ""
         self.ledger, stale = Ledger.load(self.store, run_id=self.run_id, label=self.label,
                                          bounds=[self.part.key, self.part.lower, self.part.upper,
                                                  self.part.null_bucket], attempt=self.attempt)
         if stale is not None:
             self._abandon(stale)
-        order = order_columns(self.part, self.cfg.key_column, self.cfg.account_column)
-        header = self.cfg.target_fields
-        self.key_positions = [header.index(self.cfg.mapping[c]) for c in order]
 
     # -- ledger I/O ----------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -323,6 +330,15 @@ class _PartitionRun:
         finally:
             if locked:
                 self.lock.release()
+
+    def abort(self, job_ids: list[str]) -> dict[str, str]:
+        """Abort jobs, skipping those this attempt already aborted (on_kill, then the end-of-attempt guard)."""
+        from sf_datacloud_sync.stop import abort_jobs
+
+        todo = [j for j in job_ids if j not in self.aborted]
+        outcome = abort_jobs(self.op.bulk, todo, label=self.label, logger=self.log)
+        self.aborted.update(j for j, result in outcome.items() if not result.startswith("error"))
+        return outcome
 
     def _abandon(self, stale: Ledger) -> None:
         """A ledger written for other bounds (partitions were planned again): stop its jobs, start afresh."""
@@ -409,13 +425,13 @@ class _PartitionRun:
         self.log.info("%s: streaming rows from Data Cloud %s (%d rows already at Salesforce)", self.label,
                       f"after key {after!r}" if after is not None else "from the start", base)
         source = SourceRows(self.op.datacloud, self.part, cfg, after=after, log=self.log)
-        bulk = LedgerBulk(self.op.bulk, self, round_=0, key_positions=self.key_positions)
+        bulk = LedgerBulk(self.op.bulk, self, round_=0)
         try:
             for _job in stream_rows_to_jobs(
                 bulk, source, object_name=cfg.target_object, external_id_field=cfg.external_id_field,
                 header=cfg.target_fields, column_types=source.types, key_func=source.key_of,
                 max_records_per_job=self.op.records_per_job, max_bytes_per_job=cfg.load.max_bytes_per_job,
-                line_ending=cfg.load.line_ending, on_job_submitted=self._submitted,
+                line_ending=cfg.load.line_ending, on_job_submitted=self._submitted, on_job_created=bulk.job_created,
             ):
                 self.progress(read=base + source.read)
         finally:
@@ -436,21 +452,27 @@ class _PartitionRun:
                                                     last_key=job.last_key))
 
     # -- 3. wait (non-deferrable mode) -------------------------------------------------------------------------------
-    def wait_here(self, job_ids: list[str]) -> None:
+    def wait_here(self, job_ids: list[str], *, timeout: float, poll_interval: float | None = None) -> list[str]:
+        """Wait in the worker, oldest job first, until every job is finished or ``timeout`` seconds pass.
+
+        A job is only asked again once the ones before it are finished (they finish roughly in order), so a
+        wait costs about one request per poll plus one per job. The jobs' states go to the ledger.
+
+        :return: the jobs still running at the deadline (not failed: they keep running at Salesforce).
+        """
         cfg = self.cfg.load
-        deadline = time.monotonic() + cfg.job_timeout_s
-        still = []
-        for job_id in job_ids:
-            wait = self.op.bulk.wait_for_job(job_id, timeout=max(0.0, deadline - time.monotonic()),
-                                             poll_interval=self.op.poll_interval or cfg.poll_interval_s,
+        deadline = time.monotonic() + timeout
+        still = list(job_ids)
+        while still:
+            wait = self.op.bulk.wait_for_job(still[0], timeout=max(0.0, deadline - time.monotonic()),
+                                             poll_interval=poll_interval or self.op.poll_interval or cfg.poll_interval_s,
                                              max_poll_interval=cfg.poll_max_interval_s)
-            self.ledger.job_status(job_id, wait.info)
+            self.ledger.job_status(still[0], wait.info)
             if not wait.finished:
-                still.append(job_id)
+                break
+            still.pop(0)
         self.save()
-        if still:
-            raise AirflowException(f"{self.label}: {len(still)} Bulk jobs STILL RUNNING at Salesforce (not failed): "
-                                   f"{', '.join(still[:20])}. A retry or a clear re-attaches to them.")
+        return still
 
     def apply_job_states(self, jobs: Mapping[str, Mapping[str, Any]]) -> None:
         """The trigger event's states; jobs it does not mention are asked directly."""
@@ -513,12 +535,12 @@ class _PartitionRun:
         retry = _RetryRows(self, parents, round_, skip)
         header = self.cfg.target_fields
         ext_pos = header.index(self.cfg.external_id_field)
-        bulk = LedgerBulk(self.op.bulk, self, round_=round_, key_positions=[ext_pos])
+        bulk = LedgerBulk(self.op.bulk, self, round_=round_)
         for _job in stream_rows_to_jobs(
             bulk, retry, object_name=self.cfg.target_object, external_id_field=self.cfg.external_id_field,
             header=header, column_types=None, key_func=lambda row: [row[ext_pos]],
             max_records_per_job=self.op.records_per_job, max_bytes_per_job=self.cfg.load.max_bytes_per_job,
-            line_ending=self.cfg.load.line_ending,
+            line_ending=self.cfg.load.line_ending, on_job_created=bulk.job_created,
         ):
             self.progress()
         tallies = retry.tallies
@@ -776,31 +798,38 @@ class SourceRows:
 class LedgerBulk:
     """Wraps the Bulk hook for ``stream_rows_to_jobs``: each job enters the ledger *before* its upload.
 
-    ``submit_ingest_job`` is create → ledger ``Open`` (with the chunk's row count and last key, read back from
-    the CSV) → upload → ledger ``Uploaded`` (the rows now count, the committed key moves) → close → ledger
-    ``UploadComplete``. It runs in the transfer's uploader thread; the ledger is shared under a lock.
+    ``submit_ingest_job`` is create → ledger ``Open`` (with the chunk's row count and first/last key, which
+    the transfer hands over through ``on_created``: pass ``on_job_created=ledger_bulk.job_created``) → upload →
+    ledger ``Uploaded`` (the rows now count, the committed key moves) → close → ledger ``UploadComplete``. It runs
+    in the transfer's uploader thread; the ledger is shared under a lock.
     """
 
-    def __init__(self, hook: SalesforceBulk2Hook, run: _PartitionRun, *, round_: int,
-                 key_positions: list[int]) -> None:
+    def __init__(self, hook: SalesforceBulk2Hook, run: _PartitionRun, *, round_: int) -> None:
         self.hook = hook
         self.run = run
         self.round = round_
-        self.key_positions = key_positions
         self.max_upload_bytes = hook.max_upload_bytes
 
-    def submit_ingest_job(self, object_name: str, data: bytes | IO[bytes], *, external_id_field: str | None,
-                          operation: str = "upsert", line_ending: str = "LF",
-                          column_delimiter: str = "COMMA") -> dict[str, Any]:
+    def job_created(self, job: SubmittedJob) -> None:
+        """The transfer's ``on_job_created``: record the chunk about to be uploaded under its new job id."""
         run = self.run
+        run.record(lambda led: led.job_opened(job.job_id, seq=led.next_seq(), round_=self.round,
+                                              attempt=run.attempt, records=job.records, first_key=job.first_key,
+                                              last_key=job.last_key))
+
+    def submit_ingest_job(self, object_name: str, data: bytes | IO[bytes], *, external_id_field: str | None,
+                          operation: str = "upsert", line_ending: str = "LF", column_delimiter: str = "COMMA",
+                          on_created: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        run = self.run
+        if on_created is None:
+            # Without the chunk's figures the ledger could not resume after this job: refuse rather than guess.
+            raise TypeError("LedgerBulk needs stream_rows_to_jobs(..., on_job_created=ledger_bulk.job_created)")
         if run.killed.is_set():
             raise AirflowException(f"{run.label}: stopped; no further Bulk job is created")
-        records, first_key, last_key = csv_extent(data, self.key_positions)
         job = self.hook.create_ingest_job(object_name, operation, external_id_field, line_ending, column_delimiter)
         job_id = job["id"]
-        run.record(lambda led: led.job_opened(job_id, seq=led.next_seq(), round_=self.round, attempt=run.attempt,
-                                              records=records, first_key=first_key, last_key=last_key))
         try:
+            on_created(job)
             self.hook.upload_job_data(job_id, data)
         except BaseException:
             try:
@@ -813,34 +842,6 @@ class LedgerBulk:
         info = self.hook.close_job(job_id)  # if this fails the job stays Uploaded; the next attempt closes it
         run.record(lambda led: led.job_closed(job_id, info.get("state") or UPLOAD_COMPLETE))
         return info
-
-
-def csv_extent(data: bytes | IO[bytes], key_positions: list[int],
-               null_as: str = "#N/A") -> tuple[int, Any, Any]:
-    """Rows of a Bulk CSV chunk and the keys of its first and last row (as written; ``null_as`` → ``None``).
-
-    Read back from the bytes about to be uploaded, so that the ledger knows the chunk *before* the upload
-    (``stream_rows_to_jobs`` only reports a job after it is closed, which can be a whole chunk later). A real
-    CSV reader, since values may span lines; about a third of the time it took to encode the chunk.
-    """
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        raw = bytes(data)
-    else:
-        start = data.tell()
-        raw = data.read()
-        data.seek(start)
-    reader = csv.reader(io.StringIO(raw.decode("utf-8", "replace"), newline=""))
-    next(reader, None)  # header
-    first = next(reader, None)
-    if first is None:
-        return 0, None, None
-    tail = deque(enumerate(reader, start=2), maxlen=1)  # the encoder writes no blank records
-    records, last = tail[0] if tail else (1, first)
-
-    def key(row: list[str]) -> list[str | None]:
-        return [None if row[i] == null_as else row[i] for i in key_positions]
-
-    return records, key(first), key(last)
 
 
 def check_header(bulk: SalesforceBulk2Hook, object_name: str, fields: Sequence[str],

@@ -10,8 +10,6 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 TERMINAL_STATES = frozenset({"JobComplete", "Failed", "Aborted"})
-# Polls in flight at once; the triggerer shares one event loop with every other trigger.
-MAX_CONCURRENT_POLLS = 8
 _ERROR_TEXT = 500
 
 
@@ -78,19 +76,15 @@ class BulkJobsTrigger(BaseTrigger):
 
         hook = self._hook()
         jobs: dict[str, dict[str, Any]] = {j: {"state": "Unknown", "processed": 0, "failed": 0} for j in self.job_ids}
-        gate = asyncio.Semaphore(MAX_CONCURRENT_POLLS)
         interval = self.poll_interval
         last_line = ""
-
-        async def poll(job_id: str) -> tuple[str, dict[str, Any]]:
-            async with gate:
-                return job_id, await hook.aget_job(job_id)
 
         try:
             while True:
                 unreachable = ""
                 try:
-                    for job_id, info in await asyncio.gather(*(poll(j) for j in self._pending)):
+                    # Oldest first, up to the first job still running: ~one request per round, not one per job.
+                    for job_id, info in await hook.apoll_in_order(self._pending):
                         entry = {"state": str(info.get("state") or "Unknown"),
                                  "processed": int(info.get("numberRecordsProcessed") or 0),
                                  "failed": int(info.get("numberRecordsFailed") or 0)}
@@ -164,7 +158,9 @@ class BulkJobsTrigger(BaseTrigger):
                 f"(states: {_state_counts(jobs)})")
 
     def _event(self, status: str, jobs: dict[str, dict[str, Any]], message: str) -> dict[str, Any]:
-        return {"status": status, "jobs": jobs, "message": message}
+        # Jobs never asked (an older one was still running) are left out: the task asks for them itself.
+        return {"status": status, "jobs": {j: e for j, e in jobs.items() if e["state"] != "Unknown"},
+                "message": message}
 
 
 def _state_counts(jobs: dict[str, dict[str, Any]]) -> str:

@@ -17,6 +17,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sf_datacloud_sync.utils.csv_encoder import CsvChunk, iter_chunks
+from sf_datacloud_sync.utils.memory import release_free_heap
 
 if TYPE_CHECKING:
     from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
@@ -118,6 +119,9 @@ def stream_rows_to_jobs(bulk: SalesforceBulk2Hook, rows: Iterable[Sequence[Any]]
                 if not isinstance(chunk.data, bytes):
                     chunk.data.close()
                 del chunk, item
+                # The chunk's buffers and the pages it was built from are free now: give them back, so the peak
+                # RSS stays that of one chunk in flight however many went through (see utils/memory.py).
+                release_free_heap()
                 slots.release()
 
     uploader = threading.Thread(target=upload, name=f"bulk-upload-{object_name}", daemon=True)

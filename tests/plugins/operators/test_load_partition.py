@@ -22,7 +22,7 @@ import pytest
 import yaml
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 
-from sf_datacloud_sync.operators.load_partition import LoadPartitionOperator, SourceRows, csv_extent
+from sf_datacloud_sync.operators.load_partition import LoadPartitionOperator, SourceRows
 from sf_datacloud_sync.utils.ledger import LEDGER_KEY, OPEN
 from sf_datacloud_sync.utils.partitions import Partition
 
@@ -118,8 +118,9 @@ def sync_env(clean_emulator, monkeypatch, tmp_path):
 
 def write_config(path: Path, **load: Any) -> str:
     raw = yaml.safe_load((ROOT / "include" / "sync_config.yaml").read_text())
+    # wait_before_defer_s 0: these tests drive the deferral path (execute → trigger → execute_complete).
     raw["load"].update({"transient_backoff_s": 0.01, "poll_interval_s": 0.05, "poll_max_interval_s": 0.2,
-                        "job_timeout_s": 120, **load})
+                        "job_timeout_s": 120, "wait_before_defer_s": 0, **load})
     raw.pop("artifacts", None)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return str(path)
@@ -482,6 +483,25 @@ def test_non_deferrable_mode_waits_in_the_worker(sync_env):
     check_summary(summary, EXT_PARTITION, len(keys))
 
 
+def test_jobs_that_finish_within_wait_before_defer_s_are_waited_for_without_deferring(sync_env):
+    keys = source_rows(sync_env.emulator, EXT_PARTITION)
+    config = write_config(sync_env.tmp / "inline.yaml", wait_before_defer_s=30)
+    store = Store()
+    driver = Driver(operator_factory(sync_env, config_path=config), store)
+    summary = driver.attempt()
+    check_summary(summary, EXT_PARTITION, len(keys))
+    assert driver.defers == 0 and store.ledger["phase"] == "done"
+
+
+def test_jobs_still_running_after_wait_before_defer_s_are_handed_to_the_triggerer(sync_env):
+    sync_env.emulator.set_faults(per_record_ms=3)  # ~1 s per 300-row job: longer than the short wait
+    config = write_config(sync_env.tmp / "short.yaml", wait_before_defer_s=0.2)
+    driver = Driver(operator_factory(sync_env, config_path=config), Store())
+    summary = driver.attempt()
+    check_summary(summary, EXT_PARTITION, len(source_rows(sync_env.emulator, EXT_PARTITION)))
+    assert driver.defers >= 1
+
+
 def test_templated_fields_and_label():
     op = LoadPartitionOperator(task_id="t", partition=EXT_PARTITION.to_dict(), max_records_per_job="{{ x }}")
     assert {"max_records_per_job", "dry_run"} <= set(op.template_fields)
@@ -491,17 +511,34 @@ def test_templated_fields_and_label():
         _ = op.records_per_job
 
 
-def test_csv_extent_reads_records_and_last_key_back():
-    from sf_datacloud_sync.utils.csv_encoder import CsvEncoder
+def test_each_chunk_is_in_the_ledger_with_its_rows_and_keys_before_its_upload(sync_env, monkeypatch):
+    from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
 
-    enc = CsvEncoder(["ExternalId__c", "Account.ExternalId__c", "Description"])
-    data = enc.header_bytes + enc.encode_rows([["A", "ACC-1", "x"], ["B", None, 'two\r\nlines, "q"']])
-    assert csv_extent(data, [1, 0]) == (2, ["ACC-1", "A"], [None, "B"])
-    f = io.BytesIO(data)
-    assert csv_extent(f, [0]) == (2, ["A"], ["B"]) and f.tell() == 0
-    assert csv_extent(enc.header_bytes + enc.encode_rows([["C", "ACC-2", ""]]), [0]) == (1, ["C"], ["C"])
-    assert csv_extent(enc.header_bytes, [0]) == (0, None, None)
+    store = Store()
+    seen: list[tuple[dict[str, Any], list[list[str]]]] = []
+    upload = SalesforceBulk2Hook.upload_job_data
 
+    def spy(self, job_id, data):
+        raw = data if isinstance(data, bytes) else data.read()
+        rows = list(csv.reader(io.StringIO(raw.decode("utf-8"), newline="")))[1:]
+        seen.append((dict(store.ledger["jobs"][job_id]), rows))
+        return upload(self, job_id, raw)
+
+    monkeypatch.setattr(SalesforceBulk2Hook, "upload_job_data", spy)
+    summary = Driver(operator_factory(sync_env), store).attempt()
+    assert len(seen) == summary["job_count"] >= 2
+    for entry, rows in seen:
+        # The transfer's own figures, recorded before a byte was sent: a crash mid-upload still finds the job.
+        assert entry["state"] == OPEN and entry["records"] == len(rows)
+        assert entry["first"] == [rows[0][0]] and entry["last"] == [rows[-1][0]]
+
+
+def test_ledger_bulk_refuses_to_upload_without_the_chunk_figures():
+    from sf_datacloud_sync.operators.load_partition import LedgerBulk
+
+    bulk = LedgerBulk(SimpleNamespace(max_upload_bytes=100), SimpleNamespace(), round_=0)
+    with pytest.raises(TypeError, match="on_job_created"):
+        bulk.submit_ingest_job("Opportunity", b"", external_id_field="ExternalId__c")
 
 def test_source_rows_query_again_after_an_expired_result():
     """Data Cloud dropped the result mid-read: the query is submitted again strictly after the last row handed out."""

@@ -128,3 +128,29 @@ async def test_event_waits_for_min_wait_after_deferral(sf):
     assert time.monotonic() - started >= 1.4
     _, kwargs = BulkJobsTrigger("sf", ["750A"], min_wait=10).serialize()
     assert kwargs["not_before"] == pytest.approx(time.time() + 10, abs=5)  # absolute, survives a move
+
+
+async def test_polls_oldest_first_and_asks_each_finished_job_once(sf, clean_emulator, monkeypatch):
+    """While the oldest job runs, a round costs one request; every later job is asked once, when its turn comes."""
+    from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
+
+    clean_emulator.set_faults(per_record_ms=3)  # ~1 s for the oldest job, ~15 ms for each quick one
+    slow = submit(sf, 300, "TO")
+    quick = [submit(sf, 5, f"TQ{i}") for i in range(3)]
+    asked: list[str] = []
+    aget_job = SalesforceBulk2Hook.aget_job
+
+    async def spy(self, job_id):
+        asked.append(job_id)
+        return await aget_job(self, job_id)
+
+    monkeypatch.setattr(SalesforceBulk2Hook, "aget_job", spy)
+    (event,) = await collect(BulkJobsTrigger("salesforce_default", [slow, *quick], poll_interval=0.05,
+                                             max_poll_interval=0.1, timeout=60))
+    assert event.payload["status"] == "success" and set(event.payload["jobs"]) == {slow, *quick}
+    rounds = asked.count(slow)
+    assert rounds >= 3  # it ran for a while: several rounds asked it alone
+    # A quick job queued behind the slow one may still run when its turn comes: asked once more, then done.
+    assert all(1 <= asked.count(j) <= 2 for j in quick)
+    assert len(asked) <= rounds + 2 * len(quick) < rounds * (1 + len(quick))  # vs. asking every job every round
+    assert [j for j in asked if j != slow][:1] == quick[:1] and asked[-1] == quick[-1]

@@ -103,6 +103,16 @@ def test_a_failing_announcement_stops_the_stream():
         list(run(bulk, rows(500), on_job_created=refuse))
 
 
+def test_freed_chunk_memory_is_given_back_after_each_upload(monkeypatch):
+    from sf_datacloud_sync.utils import transfer
+
+    bulk = FakeBulk()
+    trims: list[int] = []
+    monkeypatch.setattr(transfer, "release_free_heap", lambda: trims.append(len(bulk.jobs)) or True)
+    jobs = list(run(bulk, rows(350)))
+    assert len(jobs) == 4 and trims == [1, 2, 3, 4]  # once per chunk, after its upload
+
+
 def test_encoding_and_uploading_overlap():
     # 8 chunks, each ~0.15 s to read and ~0.15 s to upload: serial ≈ 2.4 s, pipelined ≈ 1.35 s.
     bulk = FakeBulk(upload_s=0.15)
