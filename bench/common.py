@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,17 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.5) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def child_main(module: str, run: Callable[..., dict[str, Any]], argv: list[str]) -> None:
+    """Entry point of a contender's child process: ``python -m <module> --child OUT.json``, payload on stdin.
+
+    The payload is ``{"conn": <emulator connection info>, "options": {...}}``; ``run(conn, **options)``'s
+    result goes to ``OUT.json``.
+    """
+    if len(argv) != 2 or argv[0] != "--child":
+        raise SystemExit(f"usage: python -m {module} --child OUT.json  (payload on stdin; run by python -m bench.run)")
+    payload = json.loads(sys.stdin.read())
+    result = run(payload["conn"], **payload.get("options", {}))
+    with open(argv[1], "w") as fh:
+        json.dump(result, fh)

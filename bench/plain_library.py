@@ -22,14 +22,13 @@ Run by :mod:`bench.run` in a child process (``--child``) so that its CPU and pea
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import QuerySql, access_token, make_session, quote_ident, sync_settings, write_csv
+from bench.common import QuerySql, access_token, child_main, make_session, quote_ident, sync_settings, write_csv
 
 DEFAULT_WAIT_S = 5.0  # simple-salesforce's default poll interval
 JOB_BYTES = 90_000_000
@@ -98,13 +97,7 @@ def run(conn: dict[str, Any], *, workdir: str, wait: float = DEFAULT_WAIT_S) -> 
 
 def main(argv: list[str]) -> None:
     """``python -m bench.plain_library --child OUT.json`` with ``{"conn": ..., "options": ...}`` on stdin."""
-    if len(argv) != 2 or argv[0] != "--child":
-        raise SystemExit("usage: python -m bench.plain_library --child OUT.json  (payload on stdin; run by "
-                         "python -m bench.run)")
-    payload = json.loads(sys.stdin.read())
-    result = run(payload["conn"], **payload.get("options", {}))
-    with open(argv[1], "w") as fh:
-        json.dump(result, fh)
+    child_main("bench.plain_library", run, argv)
 
 
 if __name__ == "__main__":

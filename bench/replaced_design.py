@@ -22,7 +22,6 @@ Run by :mod:`bench.run` in a child process (``--child``) so that its CPU and pea
 from __future__ import annotations
 
 import io
-import json
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from typing import Any
 from bench.common import (
     QuerySql,
     access_token,
+    child_main,
     data_url,
     make_session,
     quote_ident,
@@ -178,13 +178,7 @@ def run(conn: dict[str, Any], *, streams: int = STREAMS, records_per_job: int = 
 
 def main(argv: list[str]) -> None:
     """``python -m bench.replaced_design --child OUT.json`` with ``{"conn": ..., "options": ...}`` on stdin."""
-    if len(argv) != 2 or argv[0] != "--child":
-        raise SystemExit("usage: python -m bench.replaced_design --child OUT.json  (payload on stdin; run by "
-                         "python -m bench.run)")
-    payload = json.loads(sys.stdin.read())
-    result = run(payload["conn"], **payload.get("options", {}))
-    with open(argv[1], "w") as fh:
-        json.dump(result, fh)
+    child_main("bench.replaced_design", run, argv)
 
 
 if __name__ == "__main__":

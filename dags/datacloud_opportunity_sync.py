@@ -41,6 +41,8 @@ else `artifacts.base_url` in the settings file, else `$AIRFLOW_HOME/sync_artifac
   triggerer logs an alert and posts it to `SYNC_ALERT_WEBHOOK_URL` / connection `datacloud_sync_alerts` if set.
   The variable is read when the DAG is parsed (set it for the dag-processor); `0` turns the alert off, which
   `airflow dags test` needs on Airflow 3.3.2.
+* A failed partition is retried 3 times, after 2 minutes and then twice as long each time (Airflow adds up to the
+  same again as jitter; at most 30 min). `SYNC_LOAD_RETRY_DELAY_S` (read when the DAG is parsed) sets the first delay.
 * Progress while running: `make status` (one line per partition: state, range, rows processed, failed, open jobs).
 """
 
@@ -62,6 +64,9 @@ DAG_ID = "datacloud_opportunity_sync"
 # SYNC_DEADLINE_HOURS=0 switches the deadline alert off: needed for `dag.test()` / `airflow dags test` on 3.3.2,
 # which crash when a run with a deadline alert succeeds (they pass the alert itself where its database id belongs).
 DEADLINE_HOURS = float(os.environ.get("SYNC_DEADLINE_HOURS", "4"))
+# First retry delay of a partition (doubles per retry, capped at 30 min). The real-executor tests shorten it so that
+# a killed attempt is retried in seconds; production keeps 2 minutes (time for a Salesforce outage to pass).
+LOAD_RETRY_DELAY = timedelta(seconds=float(os.environ.get("SYNC_LOAD_RETRY_DELAY_S", "120")))
 POOL = os.environ.get("SYNC_POOL", DEFAULT_POOL)
 # Partitions of one run allowed to hold a worker slot or a Bulk job at once; the pool caps all runs together.
 MAX_PARALLEL_PARTITIONS = 10
@@ -78,7 +83,7 @@ PARAMS = {
                                            "external_id": "External ID (evenly sized partitions)"},
                            description="account: an Account's Opportunities stay in one partition, so parallel "
                                        "jobs do not lock the same Account. external_id: even ranges of the key."),
-    "max_records_per_job": Param(50_000, type="integer", minimum=1, maximum=150_000_000,
+    "max_records_per_job": Param(100_000, type="integer", minimum=1, maximum=150_000_000,
                                  title="Max records per Bulk job",
                                  description="Rows per Bulk API 2.0 job (Salesforce processes them in batches "
                                              "of 10,000)."),
@@ -137,7 +142,7 @@ def datacloud_opportunity_sync() -> None:
         max_records_per_job="{{ params.max_records_per_job }}",
         dry_run="{{ params.dry_run }}",
         retries=3,
-        retry_delay=timedelta(minutes=2),
+        retry_delay=LOAD_RETRY_DELAY,
         retry_exponential_backoff=2.0,
         max_retry_delay=timedelta(minutes=30),
         max_active_tis_per_dagrun=MAX_PARALLEL_PARTITIONS,

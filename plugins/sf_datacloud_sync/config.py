@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LoadSettings:
-    max_records_per_job: int = 50_000
+    max_records_per_job: int = 100_000
     max_bytes_per_job: int = 100_000_000
     line_ending: str = "LF"
     transient_error_codes: tuple[str, ...] = ("UNABLE_TO_LOCK_ROW", "API_TEMPORARILY_UNAVAILABLE", "UNKNOWN_EXCEPTION")

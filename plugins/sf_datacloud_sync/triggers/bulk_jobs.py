@@ -33,11 +33,14 @@ class BulkJobsTrigger(BaseTrigger):
         the trigger fires before the scheduler has drained the worker's defer-exit event (apache/airflow#72716,
         #71580); Bulk jobs take longer than this anyway, so the wait costs nothing in practice.
     :param not_before: Absolute form of ``min_wait`` (epoch seconds), serialized like ``deadline``.
+    :param job_records: Rows uploaded per job. With them, once the oldest running job shows progress, the next poll
+        is timed from its processing rate (half the estimated time left, at most twice ``max_poll_interval``)
+        instead of the fixed back-off: a long wait costs a handful of requests, not one per ``max_poll_interval``.
     """
 
     def __init__(self, conn_id: str, job_ids: list[str], poll_interval: float = 2.0, max_poll_interval: float = 30.0,
                  timeout: float = 21_600.0, deadline: float | None = None, label: str = "", min_wait: float = 0.0,
-                 not_before: float | None = None) -> None:
+                 not_before: float | None = None, job_records: dict[str, int] | None = None) -> None:
         super().__init__()
         self.conn_id = conn_id
         self.job_ids = list(dict.fromkeys(job_ids))
@@ -48,7 +51,9 @@ class BulkJobsTrigger(BaseTrigger):
         self.label = label
         self.min_wait = float(min_wait)
         self.not_before = float(not_before) if not_before is not None else time.time() + self.min_wait
+        self.job_records = {str(k): int(v) for k, v in (job_records or {}).items()}
         self._pending: list[str] = list(self.job_ids)
+        self._first_seen: dict[str, tuple[float, int]] = {}
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -63,6 +68,7 @@ class BulkJobsTrigger(BaseTrigger):
                 "label": self.label,
                 "min_wait": self.min_wait,
                 "not_before": self.not_before,
+                "job_records": self.job_records,
             },
         )
 
@@ -119,7 +125,7 @@ class BulkJobsTrigger(BaseTrigger):
                         f"{len(self._pending)} Bulk jobs STILL RUNNING at Salesforce after waiting {self.timeout:.0f}s "
                         f"(not failed; a retry re-attaches to them): {ids}{unreachable}"))
                     return
-                await asyncio.sleep(min(interval, remaining))
+                await asyncio.sleep(min(self._estimate(jobs, interval), remaining))
                 interval = min(self.max_poll_interval, interval * 1.5)
         finally:
             await hook.aclose()
@@ -148,6 +154,22 @@ class BulkJobsTrigger(BaseTrigger):
     @property
     def _prefix(self) -> str:
         return f"{self.label} " if self.label else ""
+
+    def _estimate(self, jobs: dict[str, dict[str, Any]], backoff: float) -> float:
+        """Seconds until the next poll: from the oldest running job's processing rate when known, else ``backoff``.
+
+        Half the estimated time left, so a speed-up (threads freed by other jobs) is noticed within a poll or two.
+        """
+        job_id = self._pending[0]
+        processed = int(jobs[job_id]["processed"])
+        now = time.monotonic()
+        since, start = self._first_seen.setdefault(job_id, (now, processed))
+        records = self.job_records.get(job_id)
+        if not records or processed <= start or now <= since:
+            return backoff
+        rate = (processed - start) / (now - since)
+        left = max(0, records - processed) / rate
+        return max(self.poll_interval, min(left / 2, 2 * self.max_poll_interval))
 
     @staticmethod
     def _progress(jobs: dict[str, dict[str, Any]]) -> str:

@@ -154,3 +154,24 @@ async def test_polls_oldest_first_and_asks_each_finished_job_once(sf, clean_emul
     assert all(1 <= asked.count(j) <= 2 for j in quick)
     assert len(asked) <= rounds + 2 * len(quick) < rounds * (1 + len(quick))  # vs. asking every job every round
     assert [j for j in asked if j != slow][:1] == quick[:1] and asked[-1] == quick[-1]
+
+
+def test_next_poll_is_timed_from_the_oldest_jobs_processing_rate(monkeypatch):
+    trigger = BulkJobsTrigger("sf", ["750A", "750B"], poll_interval=2, max_poll_interval=30,
+                              job_records={"750A": 100_000, "750B": 50_000})
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    jobs = {"750A": {"state": "InProgress", "processed": 0, "failed": 0},
+            "750B": {"state": "InProgress", "processed": 0, "failed": 0}}
+    assert trigger._estimate(jobs, 3.0) == 3.0  # no progress seen yet: the back-off
+    clock[0] += 40
+    jobs["750A"]["processed"] = 10_000  # 250 rows/s → 360 s left
+    assert trigger._estimate(jobs, 4.5) == 60.0  # half of it, capped at 2 × max_poll_interval
+    clock[0] += 280
+    jobs["750A"]["processed"] = 80_000  # 250 rows/s → 80 s left
+    assert trigger._estimate(jobs, 30.0) == pytest.approx(40.0)
+    jobs["750A"]["processed"] = 99_990
+    assert trigger._estimate(jobs, 30.0) == 2.0  # never below poll_interval
+    # Without row counts (an older serialized trigger) the back-off stays in charge.
+    assert BulkJobsTrigger("sf", ["750A"])._estimate(jobs, 6.0) == 6.0
+    assert trigger.serialize()[1]["job_records"] == {"750A": 100_000, "750B": 50_000}
