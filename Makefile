@@ -26,9 +26,26 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The reliability scenarios under a real executor (airflow standalone: worker SIGKILL, emergency stop); minutes.
+# Only the reliability scenarios under a real executor (airflow standalone: worker SIGKILL, emergency stop); ~75 s.
 test-slow: $(STAMP)
 	SCENARIOS_REAL_EXECUTOR=1 $(PY) -m pytest tests/scenarios -m real_executor $(PYTEST_ARGS)
+
+# The real DAG on a distributed Airflow: CeleryExecutor with two workers, api-server, scheduler, dag-processor and
+# triggerer as separate processes, metadata DB and Celery results on PostgreSQL, broker on Redis (both from Debian's
+# packages, installed when missing, run on free 127.0.0.1 ports under .distributed/). A few minutes.
+.PHONY: test-distributed
+DIST_STAMP := $(VENV)/.installed-distributed
+
+# The Celery/PostgreSQL extras on top of the base install; constraints-distributed.txt only adds pins.
+$(DIST_STAMP): $(STAMP) requirements-distributed.txt constraints-distributed.txt
+	@start=$$(date +%s); \
+	$(PY) -m pip install --quiet -c constraints.txt -c constraints-distributed.txt -r requirements-distributed.txt && \
+	echo "[distributed] Python extras installed in $$(( $$(date +%s) - start ))s"
+	@touch $@
+
+test-distributed: $(DIST_STAMP)
+	bash include/scripts/distributed_deps.sh
+	DISTRIBUTED=1 $(PY) -m pytest tests/distributed -v -s $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	ROWS=$(ROWS) bash include/scripts/demo.sh
@@ -51,8 +68,11 @@ emulator: $(STAMP)
 seed: $(STAMP)
 	$(PY) -m emulator seed --data-dir .demo/emulator --records $(ROWS)
 
+# The base pins only: packages pinned by constraints-distributed.txt (installed by test-distributed) stay out.
 constraints: $(STAMP)
-	$(PY) -m pip freeze --exclude-editable > constraints.txt
+	(grep '^#' constraints.txt; $(PY) -m pip freeze --exclude-editable | $(PY) -c "import sys; extra = {l.split('==')[0].lower() \
+	  for l in open('constraints-distributed.txt') if '==' in l}; sys.stdout.writelines(l for l in sys.stdin \
+	  if l.split('==')[0].lower() not in extra)") > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .airflow_test_home

@@ -88,7 +88,8 @@ class AirflowStack:
     def env(self) -> dict[str, str]:
         venv_bin = str(Path(sys.executable).parent)
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith("AIRFLOW") and k not in ("SYNC_CONFIG_PATH", "PYTEST_CURRENT_TEST")}
+               # SYNC_* settings of the caller (e.g. pytest's SYNC_MIN_DEFER_S=0) must not leak into a real executor.
+               if not k.startswith(("AIRFLOW", "SYNC_")) and k != "PYTEST_CURRENT_TEST"}
         ca = self.conn["ca_bundle"]
         env.update({
             "PATH": venv_bin + os.pathsep + env.get("PATH", ""),
@@ -137,12 +138,16 @@ class AirflowStack:
             raise
         return self
 
+    def _check_alive(self) -> None:
+        """Raise if Airflow exited while starting (subclasses running several processes check each)."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"airflow standalone exited with {self.proc.returncode}; see {self.log_path}")
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         passwords = self.home / "simple_auth_manager_passwords.json.generated"
         while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"airflow standalone exited with {self.proc.returncode}; see {self.log_path}")
+            self._check_alive()
             try:
                 health = self.http.get(f"{self.api}/api/v2/monitor/health", timeout=5)
                 if health.ok and passwords.exists():
@@ -165,21 +170,8 @@ class AirflowStack:
         """SIGINT (standalone shuts its components down), then SIGTERM, then SIGKILL to the whole group."""
         proc, self.proc = self.proc, None
         self.http.close()
-        if proc is None:
-            return
-        pgid = proc.pid
-        for sig, grace in ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            if not _group_alive(pgid):
-                break
-            try:
-                os.killpg(pgid, sig) if sig != signal.SIGINT else os.kill(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _group_alive(pgid):
-                proc.poll()
-                time.sleep(0.2)
-        proc.poll()
+        if proc is not None:
+            stop_process_groups([proc])
 
     # -- REST ----------------------------------------------------------------------------------------------------
     def get(self, path: str, **params: Any) -> Any:
@@ -266,6 +258,34 @@ def _ts(text: str) -> float:
 
     value = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T", 1))
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+#: How :func:`stop_process_groups` ends a group: SIGINT to its leader (Airflow's components shut down cleanly
+#: on it), then SIGTERM and SIGKILL to the whole group, each after the previous step's grace period (seconds).
+STOP_STEPS = ((signal.SIGINT, 20.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0))
+
+
+def stop_process_groups(procs: list[subprocess.Popen], steps: tuple[tuple[int, float], ...] = STOP_STEPS) -> None:
+    """Stop processes started with ``start_new_session=True`` (pgid == pid) and everything they started.
+
+    All groups get each step at once, so stopping several components takes as long as the slowest one.
+    """
+    for sig, grace in steps:
+        alive = [p for p in procs if _group_alive(p.pid)]
+        if not alive:
+            break
+        for proc in alive:
+            try:
+                os.killpg(proc.pid, sig) if sig != signal.SIGINT else os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_group_alive(p.pid) for p in alive):
+            for proc in alive:
+                proc.poll()
+            time.sleep(0.2)
+    for proc in procs:
+        proc.poll()
 
 
 def _group_alive(pgid: int) -> bool:

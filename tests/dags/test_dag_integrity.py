@@ -75,6 +75,16 @@ def test_load_partition_is_mapped_named_and_pooled(dag) -> None:
     assert load.retry_delay == timedelta(minutes=2)
 
 
+def test_load_retry_delay_is_overridable_at_parse_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``SYNC_LOAD_RETRY_DELAY_S`` (the real-executor scenarios use 1 s) sets load_partition's first retry delay."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("SYNC_LOAD_RETRY_DELAY_S", "1")
+    load = DagBag(dag_folder=str(DAG_FILE)).dags[DAG_ID].get_task("load_partition")
+    assert load.retry_delay == timedelta(seconds=1)
+    assert load.retries == 3 and load.retry_exponential_backoff == 2.0  # only the delay changes
+
+
 def test_deadline_alert(dag) -> None:
     from airflow.sdk import AsyncCallback, DeadlineReference
 

@@ -86,15 +86,15 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[dict[str,
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "real_executor: runs airflow standalone; only with SCENARIOS_REAL_EXECUTOR=1 "
-                                       "(make test-slow)")
+    config.addinivalue_line("markers", "real_executor: runs airflow standalone (part of `make test`; `make test-slow` "
+                                       "runs only these; SCENARIOS_REAL_EXECUTOR=0 skips them)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The real-executor scenarios take minutes: ``make test`` skips them, ``make test-slow`` runs them."""
-    if os.environ.get("SCENARIOS_REAL_EXECUTOR") == "1":
+    """``SCENARIOS_REAL_EXECUTOR=0`` skips the real-executor scenarios (about 2 minutes) in a quick local run."""
+    if os.environ.get("SCENARIOS_REAL_EXECUTOR") != "0":
         return
-    skip = pytest.mark.skip(reason="real-executor scenario: run with `make test-slow` (SCENARIOS_REAL_EXECUTOR=1)")
+    skip = pytest.mark.skip(reason="real-executor scenario skipped: SCENARIOS_REAL_EXECUTOR=0")
     for item in items:
         if item.get_closest_marker("real_executor") is not None:
             item.add_marker(skip)

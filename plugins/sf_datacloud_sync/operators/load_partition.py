@@ -197,9 +197,6 @@ class LoadPartitionOperator(BaseOperator):
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def _open_run(self, context: Mapping[str, Any]) -> _PartitionRun:
-        from sf_datacloud_sync.utils.memory import limit_heap_retention
-
-        limit_heap_retention()  # the task process streams MB-sized pages for minutes: keep its RSS flat
         from sf_datacloud_sync.stop import AttemptEndGuard
 
         run = self._run = _PartitionRun(self, context)
@@ -231,7 +228,8 @@ class LoadPartitionOperator(BaseOperator):
                                                 poll_interval=self.poll_interval or cfg.poll_interval_s,
                                                 max_poll_interval=cfg.poll_max_interval_s,
                                                 timeout=cfg.job_timeout_s, label=run.label,
-                                                min_wait=cfg.min_defer_s),
+                                                min_wait=cfg.min_defer_s,
+                                                job_records={j: run.ledger.jobs[j]["records"] for j in running}),
                         method_name="execute_complete",
                         # Our trigger answers "timeout" at job_timeout_s; Airflow's own timeout is only a backstop.
                         timeout=timedelta(seconds=cfg.job_timeout_s + _DEFER_MARGIN_S),
@@ -303,6 +301,9 @@ class _PartitionRun:
                                                  self.part.null_bucket], attempt=self.attempt)
         if stale is not None:
             self._abandon(stale)
+        # The API server aborts this partition's jobs when it is marked failed (sf_datacloud_sync.stop): it reads
+        # the ledger and needs the connection the jobs were created with.
+        self.ledger.data["conn_id"] = op.conn_id
 
     # -- ledger I/O ----------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -830,6 +831,9 @@ class LedgerBulk:
         job_id = job["id"]
         try:
             on_created(job)
+            if run.killed.is_set():
+                # on_kill came between the check above and the ledger entry: it may not have seen this job.
+                raise AirflowException(f"{run.label}: stopped; no further Bulk job is created")
             self.hook.upload_job_data(job_id, data)
         except BaseException:
             try:

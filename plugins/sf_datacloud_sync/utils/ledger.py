@@ -10,6 +10,7 @@ Format (``version`` 1)::
 
     {
       "version": 1, "run_id": "...", "label": "P03 [...)", "bounds": [key, lower, upper, null_bucket],
+      "conn_id": "salesforce_default",   # the jobs' connection (the API server aborts them on "mark failed")
       "phase": "streaming" | "waiting" | "results" | "done" | "failed",
       "attempt": 2,                      # try number that last wrote the ledger
       "started_at": 1767225600.0, "updated_at": ..., "finished_at": ... (once done),
