@@ -328,6 +328,25 @@ class _ChunkBuilder:
         return chunk
 
 
+def _extend_equal_keys(chunk: _ChunkBuilder, source: Iterator[Sequence[Any]], encoder: CsvEncoder,
+                       key_func: Callable[[Sequence[Any]], Any], max_records: int,
+                       max_bytes: int) -> Iterator[Sequence[Any]]:
+    """Add the rows that share the full chunk's last key, so that no chunk ends inside a run of equal keys.
+
+    A resume continues "after the last key" of the last uploaded chunk: a run of equal keys (duplicate external
+    ids, NULL keys of one Account) cut in two would lose its second half. A run longer than another
+    ``max_records`` rows, or one that would pass ``max_bytes``, is still cut (the chunk must stay bounded).
+    :return: the source, with the first row of the next key put back in front.
+    """
+    for row in source:
+        key = key_func(row)
+        line = encoder.encode_rows([row]) if key == chunk.last_key else b""
+        if not line or chunk.records >= 2 * max_records or chunk.nbytes + len(line) > max_bytes:
+            return itertools.chain([row], source)
+        chunk.add(line, 1, key, key)
+    return source
+
+
 def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_records: int, max_bytes: int,
                 key_index: int | None = None, key_func: Callable[[Sequence[Any]], Any] | None = None, *,
                 column_types: Sequence[str | None] | None = None, null_as: str = "#N/A", line_ending: str = "LF",
@@ -336,7 +355,9 @@ def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_record
     """Split ``rows`` into Bulk API 2.0 CSV chunks of at most ``max_records`` rows and ``max_bytes`` bytes.
 
     Rows keep their order; each chunk repeats the header (counted in ``max_bytes``). Rows are read lazily,
-    so only the chunk being built is held.
+    so only the chunk being built is held. With a key (``key_index``/``key_func``) a chunk does not end between
+    two rows with the same key: it takes the rest of that run, up to ``2 × max_records`` rows (see
+    :func:`_extend_equal_keys`).
 
     :param rows: Row tuples in ``header`` order.
     :param header: Salesforce field names.
@@ -357,6 +378,7 @@ def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_record
     encoder = CsvEncoder(header, column_types, null_as=null_as, line_ending=line_ending, delimiter=delimiter)
     if len(encoder.header_bytes) >= max_bytes:
         raise ValueError(f"the header alone ({len(encoder.header_bytes)} bytes) does not fit in max_bytes={max_bytes}")
+    keyed = key_func is not None or key_index is not None
     if key_func is None:
         key_func = (lambda row: row[key_index]) if key_index is not None else (lambda row: None)
     chunk = _ChunkBuilder(encoder.header_bytes, spool_threshold)
@@ -380,6 +402,8 @@ def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_record
                 key = key_func(row)
                 chunk.add(line, 1, key, key)
         if chunk.records >= max_records:
+            if keyed:
+                source = _extend_equal_keys(chunk, source, encoder, key_func, max_records, max_bytes)
             yield chunk.take()
     if chunk.records:
         yield chunk.take()

@@ -372,7 +372,7 @@ def test_resume_after_a_crash_mid_partition(sync_env, monkeypatch):
 def test_retry_while_deferred_reattaches_without_uploading_again(sync_env):
     emulator = sync_env.emulator
     keys = source_rows(emulator, EXT_PARTITION)
-    emulator.set_faults(per_record_ms=2)  # jobs still running when the "worker dies"
+    emulator.set_faults(per_record_ms=10)  # jobs still running when the "worker dies" (and at the retry, under load)
     store = Store()
     make = operator_factory(sync_env)
     with pytest.raises(TaskDeferred) as first:

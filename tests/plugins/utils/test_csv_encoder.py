@@ -151,6 +151,19 @@ def test_chunks_split_by_records_and_keep_keys():
     assert _records(chunks) == [list(r) for r in rows]
 
 
+def test_a_chunk_never_ends_inside_a_run_of_equal_keys():
+    # Duplicate keys across a chunk boundary: a resume "after key K00009" would skip the second K00009.
+    keys = [f"K{i:05d}" for i in range(9)] + ["K00009"] * 3 + [f"K{i:05d}" for i in range(10, 18)] + [None] * 25
+    rows = [(k, f"row {i}") for i, k in enumerate(keys)]
+    chunks = list(iter_chunks(rows, ["Key", "Text"], max_records=10, max_bytes=10_000, key_index=0, batch_rows=4))
+    # 9 + the run of 3; then 8 + 2 NULLs, extended by the NULL run but cut at 2 × 10 (bounded); the rest.
+    assert [c.records for c in chunks] == [12, 20, 13]
+    assert [(c.first_key, c.last_key) for c in chunks] == [("K00000", "K00009"), ("K00010", None), (None, None)]
+    assert _records(chunks) == [[k if k is not None else "#N/A", t] for k, t in rows]
+    # Without a key there is no notion of a run: plain record limits.
+    assert [c.records for c in iter_chunks(rows, ["Key", "Text"], 10, 10_000)] == [10, 10, 10, 10, 5]
+
+
 @settings(max_examples=60, deadline=None)
 @given(max_bytes=st.integers(min_value=120, max_value=3_000), max_records=st.integers(min_value=1, max_value=40),
        n=st.integers(min_value=0, max_value=120), batch_rows=st.integers(min_value=1, max_value=50))
