@@ -333,18 +333,27 @@ def test_marking_the_run_failed_aborts_every_open_job(airflow_rx: Standalone, rx
                     "rows_lost": 0, "faults_injected": 1})
 
 
+def start_run_to_stop(airflow_rx: Standalone, org: EmulatorProcess) -> str:
+    """A fresh org whose jobs take long (200 ms/row in 5-row chunks, so an abort lands at once) and a run of two
+    Account partitions on it: the run the emergency-stop scenarios mark failed. The caller restores the profile."""
+    org.reset()
+    org.control("PUT", "profile", {"name": "instant", "per_record_ms": 200, "chunk_records": 5})
+    return airflow_rx.trigger(partitions=2, partition_key="account", max_records_per_job=300,
+                              target_partition_rows=None, dry_run=False, tolerance=0)
+
+
+def partition_logs(airflow_rx: Standalone, run_id: str) -> Path:
+    return airflow_rx.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / "task_id=load_partition"
+
+
 def test_marking_the_run_failed_while_deferred_aborts_jobs_from_the_triggerer(
         airflow_rx: Standalone, rx_org: EmulatorProcess, figures: list) -> None:
     """Mark the run failed while both partitions wait in the triggerer: the trigger's ``on_kill`` aborts every
     job still running at Salesforce."""
     org = rx_org
-    org.reset()
-    org.control("PUT", "profile", {"name": "instant", "per_record_ms": 200, "chunk_records": 5})
-    logs = airflow_rx.home / "logs" / f"dag_id={DAG_ID}"
     try:
-        run_id = airflow_rx.trigger(partitions=2, partition_key="account", max_records_per_job=300,
-                                    target_partition_rows=None, dry_run=False, tolerance=0)
-        run_logs = logs / f"run_id={run_id}" / "task_id=load_partition"
+        run_id = start_run_to_stop(airflow_rx, org)
+        run_logs = partition_logs(airflow_rx, run_id)
         deadline = time.monotonic() + 240
         while True:
             assert time.monotonic() < deadline, airflow_rx.task_instances(run_id)
@@ -381,12 +390,8 @@ def test_marking_the_run_failed_right_after_deferral_aborts_every_job(
     Without the end-of-attempt guard and the API server's listener, 3 of 4 such runs left jobs to finish.
     """
     org = rx_org
-    org.reset()
-    org.control("PUT", "profile", {"name": "instant", "per_record_ms": 200, "chunk_records": 5})
-    logs = airflow_rx.home / "logs" / f"dag_id={DAG_ID}"
     try:
-        run_id = airflow_rx.trigger(partitions=2, partition_key="account", max_records_per_job=300,
-                                    target_partition_rows=None, dry_run=False, tolerance=0)
+        run_id = start_run_to_stop(airflow_rx, org)
         deadline = time.monotonic() + 240
         while "deferred" not in (states := [t["state"] for t in airflow_rx.task_instances(run_id)
                                              if t["task_id"] == "load_partition"]):
@@ -395,7 +400,7 @@ def test_marking_the_run_failed_right_after_deferral_aborts_every_job(
         clicks = airflow_rx.mark_failed(run_id)
         at_stop = bulk_jobs(org)  # a small tail job may have finished already: it has nothing left to stop
         deferred = states.index("deferred")
-        trigger_started = any((logs / f"run_id={run_id}" / "task_id=load_partition" / f"map_index={deferred}")
+        trigger_started = any((partition_logs(airflow_rx, run_id) / f"map_index={deferred}")
                               .glob("attempt=1.log.trigger.*"))
         deadline = time.monotonic() + 120
         while True:
