@@ -123,16 +123,18 @@ def job_info(row: Any, view: str) -> dict[str, Any]:
 def insert_job(org: Org, session: Session, kind: str, values: dict[str, Any]) -> Any:
     """Create the job row (and its folder); returns the row."""
     engine = engine_of(org)
-    seq = org.next_number("bulk_job")
-    job_id = make_id("750", seq)
-    now = sf_time()
-    row = {
-        "id": job_id, "seq": seq, "kind": kind, "created_by": session.user_id, "created_date": now,
-        "system_modstamp": now, "content_type": "CSV", **values,
-    }
-    cols = ", ".join(row)
+    # Through the engine's writer: a commit on another connection would drop the writer's page cache (see
+    # Engine.writer), and jobs are created while others are being written.
     with engine.write_lock:
-        c = engine.conn()
+        c = engine.writer()
+        seq = org.next_number("bulk_job", conn=c)
+        job_id = make_id("750", seq)
+        now = sf_time()
+        row = {
+            "id": job_id, "seq": seq, "kind": kind, "created_by": session.user_id, "created_date": now,
+            "system_modstamp": now, "content_type": "CSV", **values,
+        }
+        cols = ", ".join(row)
         c.execute(f"INSERT INTO bulk_jobs({cols}) VALUES({', '.join('?' * len(row))})", tuple(row.values()))
         c.commit()
     (org.jobs_dir / job_id).mkdir(parents=True, exist_ok=True)

@@ -1298,8 +1298,13 @@ class _Authorizer:
 
 
 def open_dmo(path: Path) -> sqlite3.Connection:
-    """A read-only connection to the Data Cloud database with the dialect's helper functions."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    """A read-only connection to the Data Cloud database with the dialect's helper functions.
+
+    The connections of one process share one page cache and one memory map of the file (SQLite's shared-cache
+    mode; they only read, so its table locks never conflict). Each query runs on a worker thread with a connection
+    of its own, and with private maps every worker's map grew to the whole file: a partition's rows, read in key
+    order, lie all over the table. At 2,000,000 rows that was 4 x 550 MB of resident memory."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro&cache=shared", uri=True, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=60000")
     conn.execute("PRAGMA cache_size=-131072")
     conn.execute("PRAGMA mmap_size=1073741824")  # index-ordered scans jump around the table: mapping is cheaper

@@ -213,16 +213,37 @@ class Org:
             conn = self._local.dc = connect(self.datacloud_db_path)
         return conn
 
-    def next_number(self, name: str, n: int = 1) -> int:
-        """Reserve ``n`` serial numbers for ``name``; returns the first. Survives restarts."""
+    def next_number(self, name: str, n: int = 1, conn: sqlite3.Connection | None = None) -> int:
+        """Reserve ``n`` serial numbers for ``name``; returns the first. Survives restarts.
+
+        ``conn``: the org-database connection to write through (default: the calling thread's). The bulk engine
+        passes its writer: a commit by any other connection makes SQLite drop the writer's whole page cache at its
+        next transaction, and it would then read its indexes back from disk. When ``conn`` is inside a write
+        transaction (``BEGIN IMMEDIATE``) the numbers are taken in that transaction, which commits or rolls them back
+        with its own writes; holding the database's write lock already makes the read-modify-write atomic, and
+        taking ``self.lock`` there could deadlock with a thread that holds it while waiting for that write lock."""
+        conn = conn if conn is not None else self.db()
+        if conn.in_transaction:
+            return self._take_numbers(conn, name, n)
         with self.lock:
-            conn = self.db()
-            row = conn.execute("SELECT value FROM sequences WHERE name=?", (name,)).fetchone()
-            start = (row[0] if row else 0) + 1
-            conn.execute("INSERT INTO sequences(name, value) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET value=?",
-                         (name, start + n - 1, start + n - 1))
-            conn.commit()
+            # The read belongs in the write transaction too: a value read before another connection's commit of
+            # the same sequence would hand out its numbers again.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                start = self._take_numbers(conn, name, n)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
             return start
+
+    @staticmethod
+    def _take_numbers(conn: sqlite3.Connection, name: str, n: int) -> int:
+        row = conn.execute("SELECT value FROM sequences WHERE name=?", (name,)).fetchone()
+        start = (row[0] if row else 0) + 1
+        conn.execute("INSERT INTO sequences(name, value) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET value=?",
+                     (name, start + n - 1, start + n - 1))
+        return start
 
     def _ensure_singletons(self) -> None:
         conn = self.db()

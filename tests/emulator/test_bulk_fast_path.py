@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,9 @@ def test_fast_path_only_where_chunks_change_nothing(tmp_path: Path) -> None:
     "", "\n", "a,b\n", "a,b", "a,b\n\n\nc,d\n", 'a,"b\nc",d\ne,f\n', 'a,"b\n\nc"\n', '"x""y",z\n', 'a"b,c\n',
     '"a"b,c\n', '"unterminated,x\ny\n', "a,b\r\nc,d\r\n", "a\rb\n", 'x,"cr\r\ninside"\n', "a\x00b,c\n",
     'q,"multi\nline\nnote"\nplain,row\n"last"', ",,\n,\n", 'a,""\n""\n',
+    # CRLF inside quoted values (multi-line Descriptions) with LF or CRLF line endings, blank CRLF lines
+    'a,"x\r\ny"\nb,c\nd,"e\r\n\r\nf"\n', 'a,b\r\n"c\r\nd",e\r\n\r\nf,g\r\n', '"a\r\n"\r\n"b"', 'a,b\r\n\r\n',
+    'x,"q"\r\ny\rz\n', '"a\rb"\r\nc\n', 'a\r\n"b,c\r\nd\r\n', 'a,b\r', '\r\n',
 ])
 def test_parse_records_reads_like_the_csv_module(text: str) -> None:
     from emulator.bulk_engine import parse_records
@@ -278,6 +282,25 @@ def test_parse_records_reads_like_the_csv_module(text: str) -> None:
     for delimiter in (",", "|", "\t"):
         expected = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if r]
         assert parse_records(text, delimiter) == expected
+
+
+def test_parse_records_reads_like_the_csv_module_at_random() -> None:
+    import random
+
+    from emulator.bulk_engine import parse_records
+
+    rng = random.Random(7)
+    pieces = ["a", "bc", ",", '"', '""', "\n", "\r\n", "\r", "|", " "]
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 40)))
+        for delimiter in (",", "|"):
+            try:
+                expected = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter) if r]
+            except csv.Error:
+                with pytest.raises(csv.Error):
+                    parse_records(text, delimiter)
+                continue
+            assert parse_records(text, delimiter) == expected, (text, delimiter)
 
 
 def test_number_columns_convert_like_one_value_at_a_time() -> None:
@@ -310,3 +333,97 @@ def _ok(convert, value: str) -> bool:
     except RowError:
         return False
     return True
+
+
+# -- batches sharing a transaction ----------------------------------------------------------------------------------
+
+def _run_jobs(data_dir: Path, bodies: list[bytes], group: bool, fail: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Run upsert jobs in-process through one engine (batches of 40 records, all queued before the worker starts
+    them); ``group=False`` keeps every batch in a transaction of its own, ``fail=(job, batch)`` makes that batch
+    raise whenever it is written. Returns job rows, result CSVs and the stored Opportunities."""
+    import hashlib
+
+    from emulator import bulk_ingest
+    from emulator.bulk_engine import iter_segments
+    from emulator.seed import seed_org
+    from emulator.state import Org
+
+    seed_org(data_dir, records=0, accounts=30)
+    org = Org(data_dir, get_profile("instant").with_overrides(internal_batch_records=BATCH))
+    engine = Engine(org)
+    org.bulk_engine = engine  # type: ignore[attr-defined]
+    groups: list[int] = []  # batches per group the worker took from the queue
+    take_group = engine._take_group
+
+    def counted(first: Any) -> Any:
+        tasks = take_group(first) if group else None
+        if tasks:
+            groups.append(len(tasks))
+        return tasks
+    engine._take_group = counted  # type: ignore[method-assign]
+    job_ids: list[str] = []
+    if fail is not None:
+        write_fast = engine._write_fast
+
+        def failing(conn: sqlite3.Connection, task: Any) -> Any:
+            if task.job.id == job_ids[fail[0]] and task.batch.seq == fail[1]:
+                raise RuntimeError("injected failure")
+            return write_fast(conn, task)
+        engine._write_fast = failing  # type: ignore[method-assign]
+    session: Any = type("Session", (), {"user_id": org.credentials.user_id})()
+    engine.start()
+    with engine.cond:  # hold the worker back until every job is queued
+        for body in bodies:
+            row = bulk_ingest.insert_job(org, session, "ingest", {
+                "operation": "upsert", "object": "Opportunity", "external_id_field": "ExternalId__c",
+                "column_delimiter": "COMMA", "line_ending": "LF", "assignment_rule_id": None, "state": "Open",
+                "api_version": 62.0})
+            (org.jobs_dir / row["id"] / "data.csv").write_bytes(body)
+            bulk_ingest._record_upload(org, row["id"], len(body), hashlib.sha256(body).hexdigest())
+            job_ids.append(row["id"])
+            engine.close(engine.job_row(row["id"]))
+    try:
+        for _ in range(600):
+            rows = [engine.job_row(j) for j in job_ids]
+            if all(r["state"] in ("JobComplete", "Failed") and r["finalized"] for r in rows):
+                break
+            time.sleep(0.05)
+        out: dict[str, Any] = {"groups": groups, "jobs": []}
+        for r in rows:
+            results = {kind: b"".join(iter_segments(engine.result_stream(r, kind)))
+                       for kind in ("successfulResults", "failedResults", "unprocessedrecords")}
+            out["jobs"].append(({k: r[k] for k in ("state", "error_message", "records_processed", "records_failed")},
+                                results))
+        conn = sqlite3.connect(f"file:{data_dir / 'org.sqlite'}?mode=ro", uri=True)
+        out["records"] = conn.execute('SELECT rowid, "Id", "ExternalId__c", "AccountId", "Name" FROM "Opportunity" '
+                                      "ORDER BY rowid").fetchall()
+        out["sequence"] = conn.execute("SELECT value FROM sequences WHERE name='Opportunity'").fetchone()
+        conn.close()
+        return out
+    finally:
+        engine.stop()
+
+
+def _group_bodies() -> list[bytes]:
+    rows = [r for r in _opportunities() if len(r) == len(OPP_HEADER)]
+    return [_csv(OPP_HEADER, rows[:100]), _csv(OPP_HEADER, rows[100:] + rows[:20]), _csv(OPP_HEADER, rows[30:130])]
+
+
+def test_batches_sharing_a_transaction_end_as_one_by_one(tmp_path: Path) -> None:
+    alone = _run_jobs(tmp_path / "alone", _group_bodies(), group=False)
+    shared = _run_jobs(tmp_path / "shared", _group_bodies(), group=True)
+    assert alone["groups"] == [] and max(shared["groups"]) > 1, shared["groups"]
+    assert shared["jobs"] == alone["jobs"]
+    assert shared["records"] == alone["records"] and shared["sequence"] == alone["sequence"]
+    assert {j[0]["state"] for j in shared["jobs"]} == {"JobComplete"}
+
+
+def test_a_failing_shared_transaction_runs_its_batches_one_by_one(tmp_path: Path) -> None:
+    alone = _run_jobs(tmp_path / "alone", _group_bodies(), group=False, fail=(1, 1))
+    shared = _run_jobs(tmp_path / "shared", _group_bodies(), group=True, fail=(1, 1))
+    assert max(shared["groups"]) > 1
+    states = [j[0]["state"] for j in shared["jobs"]]
+    assert states == ["JobComplete", "Failed", "JobComplete"], states
+    assert shared["jobs"][1][0]["error_message"] == "Unknown : injected failure"
+    assert shared["jobs"] == alone["jobs"]
+    assert shared["records"] == alone["records"] and shared["sequence"] == alone["sequence"]
