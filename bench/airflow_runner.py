@@ -36,7 +36,7 @@ from bench.metrics import TreeSampler
 ROOT = Path(__file__).resolve().parent.parent
 DAG_ID = "datacloud_opportunity_sync"
 POOL = "salesforce_bulk"
-POOL_SLOTS = 10
+POOL_SLOTS = 16
 TERMINAL_RUN_STATES = ("success", "failed")
 _TI_ID = re.compile(r"airflow worker -- ([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 

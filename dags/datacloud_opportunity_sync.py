@@ -12,12 +12,17 @@ field mapping, artifact location, pool size) live in `include/sync_config.yaml` 
 | `verify` | Runs even when partitions failed. Fails the run unless every partition reported, every partition accounts for each row (`rows = upserted + failed`), and Salesforce's count of Opportunities with an external id equals Data Cloud's rows with an external id minus the permanently failed ones (± `tolerance`). Logs a table per partition. |
 
 #### Params (Trigger DAG w/ config)
-* **partitions** (10, 1–1023): number of key ranges; more partitions = more parallel Bulk jobs (the pool caps them).
+* **partitions** (15, 1–1023): partitions loaded in parallel; more partitions = more parallel Bulk jobs (the pool
+  caps them). With `account` each partition is one Bulk job of at most 10,000 rows at a time, so 15 matches an
+  org's batch threads (Salesforce publishes 15–20).
 * **target_partition_rows** (empty): when set, the partition count is `rows / target_partition_rows` instead.
-* **partition_key** (`account`): `account` keeps all Opportunities of one Account in the same partition, so two
-  concurrent jobs never lock the same Account row (`UNABLE_TO_LOCK_ROW`); a very large Account makes its partition
-  larger. `external_id` gives perfectly even partitions but lets jobs contend for the same Accounts.
-* **max_records_per_job** (50,000): rows per Bulk job (Salesforce splits jobs into 10,000-row batches).
+* **partition_key** (`account`): `account` keeps all Opportunities of one Account in the same partition and loads
+  each partition one job (one 10,000-row internal batch) at a time, so two batches never lock the same Account row
+  (`UNABLE_TO_LOCK_ROW`); Accounts with more than 10,000 Opportunities (Salesforce's data skew) are packed into
+  lanes of their own, largest first. `external_id` gives even key ranges loaded in large parallel jobs (fewer API
+  requests) but lets batches contend for the same Accounts.
+* **max_records_per_job** (100,000): rows per Bulk job (Salesforce splits jobs into 10,000-row batches); with
+  `account` a job holds at most `load.serial_job_records` (10,000) rows.
 * **dry_run** (false): run `discover` and each partition's read, write nothing to Salesforce.
 * **tolerance** (0): allowed difference between Salesforce's and Data Cloud's counts in `verify` (e.g. for
   Opportunities with an external id that are created outside this sync).
@@ -36,7 +41,7 @@ else `artifacts.base_url` in the settings file, else `$AIRFLOW_HOME/sync_artifac
 
 #### Operations
 * Pool `salesforce_bulk` must exist, counting deferred tasks (a task in a missing pool is never scheduled):
-  `airflow pools set salesforce_bulk 10 "Salesforce Bulk API 2.0 jobs" --include-deferred`.
+  `airflow pools set salesforce_bulk 16 "Salesforce Bulk API 2.0 jobs" --include-deferred`.
 * Deadline alert: if a run has not finished `SYNC_DEADLINE_HOURS` (default 4) hours after it was queued, the
   triggerer logs an alert and posts it to `SYNC_ALERT_WEBHOOK_URL` / connection `datacloud_sync_alerts` if set.
   The variable is read when the DAG is parsed (set it for the dag-processor); `0` turns the alert off, which
@@ -68,13 +73,16 @@ DEADLINE_HOURS = float(os.environ.get("SYNC_DEADLINE_HOURS", "4"))
 # a killed attempt is retried in seconds; production keeps 2 minutes (time for a Salesforce outage to pass).
 LOAD_RETRY_DELAY = timedelta(seconds=float(os.environ.get("SYNC_LOAD_RETRY_DELAY_S", "120")))
 POOL = os.environ.get("SYNC_POOL", DEFAULT_POOL)
-# Partitions of one run allowed to hold a worker slot or a Bulk job at once; the pool caps all runs together.
-MAX_PARALLEL_PARTITIONS = 10
+# Partitions of one run allowed to hold a worker slot or a Bulk job at once; the pool caps all runs together. With
+# partition_key=account each partition keeps one job of one internal batch at Salesforce: 16 partitions keep an
+# org's 15-20 batch threads busy.
+MAX_PARALLEL_PARTITIONS = 16
 
 PARAMS = {
-    "partitions": Param(10, type="integer", minimum=1, maximum=1023, title="Partitions",
-                        description="How many key ranges to load in parallel (1-1023; a NULL-key bucket is added "
-                                    "when needed, within Airflow's 1024 mapped tasks)."),
+    "partitions": Param(15, type="integer", minimum=1, maximum=1023, title="Partitions",
+                        description="How many partitions to load in parallel (1-1023; a NULL-key bucket is added "
+                                    "when needed, within Airflow's 1024 mapped tasks). With partition_key=account "
+                                    "Accounts over 10,000 rows get lanes of their own, which count towards it."),
     "target_partition_rows": Param(None, type=["null", "integer"], minimum=1, title="Target rows per partition",
                                    description="Optional. When set, the number of partitions is the row count "
                                                "divided by this (ignores 'Partitions')."),

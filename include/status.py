@@ -182,6 +182,8 @@ def _range(p: Mapping[str, Any] | None) -> str:
         return ""
     if p.get("null_bucket"):
         return "NULL"
+    if p.get("accounts"):
+        return f"{len(p['accounts'])} accounts from {str(p['accounts'][0])[:18]}"
     lo = "−∞" if p.get("lower") is None else str(p["lower"])
     hi = "+∞" if p.get("upper") is None else str(p["upper"])
     return f"[{lo[:18]}, {hi[:18]})"

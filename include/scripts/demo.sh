@@ -139,7 +139,7 @@ PYEOF
 
 say "preparing the metadata database and the salesforce_bulk pool"
 airflow db migrate > "$DEMO/airflow-setup.log" 2>&1 || { tail -20 "$DEMO/airflow-setup.log"; die "airflow db migrate failed"; }
-airflow pools set salesforce_bulk 10 "Concurrent Salesforce Bulk API 2.0 jobs of the Data Cloud sync" \
+airflow pools set salesforce_bulk 16 "Concurrent Salesforce Bulk API 2.0 jobs of the Data Cloud sync" \
   --include-deferred >> "$DEMO/airflow-setup.log" 2>&1 || { tail -20 "$DEMO/airflow-setup.log"; die "creating the pool failed"; }
 
 say "starting airflow standalone on $API (log: .demo/airflow.log)"

@@ -30,6 +30,7 @@ class LoadSettings:
     job_timeout_s: float = 21_600.0
     min_defer_s: float = 10.0
     wait_before_defer_s: float = 5.0
+    serial_job_records: int = 10_000  # a serial partition's jobs: one internal batch each
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class SyncConfig:
     load: LoadSettings = field(default_factory=LoadSettings)
     artifacts_base_url: str = ""
     pool_name: str = "salesforce_bulk"
-    pool_slots: int = 10
+    pool_slots: int = 16
     pool_description: str = ""
     deadline_hours: float = 4.0
 
@@ -114,6 +115,7 @@ def parse_config(raw: dict[str, Any]) -> SyncConfig:
             # SYNC_MIN_DEFER_S lets in-process test runs (dag.test, which has no scheduler race) skip the wait.
             min_defer_s=float(os.environ.get("SYNC_MIN_DEFER_S") or load_raw.get("min_defer_s", defaults.min_defer_s)),
             wait_before_defer_s=float(load_raw.get("wait_before_defer_s", defaults.wait_before_defer_s)),
+            serial_job_records=int(load_raw.get("serial_job_records", defaults.serial_job_records)),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"setting 'load' has a value of the wrong type: {exc}") from None
@@ -121,6 +123,8 @@ def parse_config(raw: dict[str, Any]) -> SyncConfig:
         raise ConfigError("setting 'load.max_records_per_job' must be a positive number of records")
     if not 1_000 <= load.max_bytes_per_job <= 100_000_000:
         raise ConfigError("setting 'load.max_bytes_per_job' must be at most 100000000 (Bulk API 2.0's 100 MB)")
+    if not 1 <= load.serial_job_records <= 10_000:
+        raise ConfigError("setting 'load.serial_job_records' must be 1..10000 (one Bulk API internal batch)")
     if load.line_ending not in ("LF", "CRLF"):
         raise ConfigError("setting 'load.line_ending' must be LF or CRLF")
     pool = raw.get("pool") or {}

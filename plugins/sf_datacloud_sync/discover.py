@@ -11,16 +11,23 @@ the whole key set). :func:`choose_cuts` then places each cut at the closest valu
 *values* and partitions are half-open ranges evaluated by Data Cloud itself, all rows sharing a value (the
 Opportunities of one Account, duplicated keys) always land in the same partition, and Data Cloud's collation is
 the only ordering that matters -- Python never compares two keys.
+
+With ``partition_key=account`` every partition is loaded *serially* (one Bulk job of at most one internal batch at a
+time), so no two batches that touch the same Account ever run at once, and the partitions are the org's parallel
+lanes. Accounts too large for one batch (Salesforce's data-skew case) would make their range far longer than the
+others; :func:`heavy_values_query` finds them and :func:`plan_lanes` packs them, largest first, into lanes of their
+own no longer than the run's average partition (or the largest Account), which the ranges then exclude.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sf_datacloud_sync.utils.partitions import Partition, quote_ident
+from sf_datacloud_sync.utils.partitions import Partition, quote_ident, value_list
 
 if TYPE_CHECKING:
     from sf_datacloud_sync.config import SyncConfig
@@ -30,6 +37,9 @@ log = logging.getLogger(__name__)
 #: ``[core] max_map_length`` is 1024 and the NULL bucket takes one map index.
 MAX_DATA_PARTITIONS = 1023
 PARTITION_KEY_CHOICES = ("account", "external_id")
+#: Most Accounts given lanes of their own (each is a query parameter of every range); larger ones beyond it stay in
+#: their ranges, still loaded serially.
+MAX_LANE_ACCOUNTS = 200
 
 
 class DiscoveryError(ValueError):
@@ -144,12 +154,35 @@ def choose_cuts(candidates: Sequence[Candidate], non_null_rows: int, partitions:
     return cuts
 
 
-def plan_partitions(distribution: KeyDistribution, key: str) -> list[Partition]:
-    """Half-open ranges open at both ends plus, when NULL keys exist, a NULL bucket: complete and disjoint.
+def plan_lanes(heavy: Sequence[tuple[str, int]], capacity: int) -> list[list[tuple[str, int]]]:
+    """First-fit decreasing: the ``(value, rows)`` pairs packed into lanes of at most ``capacity`` rows each (a value
+    larger than that gets a lane of its own), each value into the least-filled lane it fits. Lanes come largest
+    first, values within a lane largest first."""
+    lanes: list[list[tuple[str, int]]] = []
+    loads: list[int] = []
+    for value, rows in sorted(heavy, key=lambda vr: (-vr[1], vr[0])):
+        fits = [i for i, load in enumerate(loads) if load + rows <= capacity]
+        if fits:
+            i = min(fits, key=lambda k: (loads[k], k))
+            lanes[i].append((value, rows))
+            loads[i] += rows
+        else:
+            lanes.append([(value, rows)])
+            loads.append(rows)
+    order = sorted(range(len(lanes)), key=lambda k: (-loads[k], k))
+    return [lanes[k] for k in order]
 
-    ``expected_rows`` is exact for the data Data Cloud held when the query ran. An empty source gives no
-    partitions at all (the mapped load task is then skipped and ``verify`` checks for zero).
+
+def plan_partitions(distribution: KeyDistribution, key: str, *,
+                    lanes: Sequence[Sequence[tuple[str, int]]] = (), serial: bool = False) -> list[Partition]:
+    """Lanes (largest first, so that they start first), then half-open ranges open at both ends (which exclude the
+    lanes' values), plus, when NULL keys exist, a NULL bucket: complete and disjoint.
+
+    ``distribution`` describes the rows outside the lanes. ``expected_rows`` is exact for the data Data Cloud held
+    when the queries ran. An empty source gives no partitions at all (the mapped load task is then skipped and
+    ``verify`` checks for zero).
     """
+    excluded = tuple(value for lane in lanes for value, _ in lane)
     parts: list[tuple[str | None, str | None, bool, int]] = []
     if distribution.non_null_rows > 0:
         cuts = choose_cuts(distribution.candidates, distribution.non_null_rows, distribution.partitions)
@@ -160,9 +193,14 @@ def plan_partitions(distribution: KeyDistribution, key: str) -> list[Partition]:
             parts.append((lo, hi, False, end - start))
     if distribution.null_rows > 0:
         parts.append((None, None, True, distribution.null_rows))
-    count = len(parts)
-    return [Partition(index=i, count=count, key=key, lower=lo, upper=hi, null_bucket=nb, expected_rows=rows)
-            for i, (lo, hi, nb, rows) in enumerate(parts)]
+    count = len(lanes) + len(parts)
+    planned = [Partition(index=i, count=count, key=key, lower=None, upper=None, expected_rows=sum(r for _, r in lane),
+                         accounts=tuple(v for v, _ in lane), serial=serial)
+               for i, lane in enumerate(lanes)]
+    planned += [Partition(index=len(lanes) + i, count=count, key=key, lower=lo, upper=hi, null_bucket=nb,
+                          expected_rows=rows, exclude=() if nb else excluded, serial=serial)
+                for i, (lo, hi, nb, rows) in enumerate(parts)]
+    return planned
 
 
 # -- the boundary query ----------------------------------------------------------------------------------------
@@ -172,14 +210,15 @@ _DISTRIBUTION_COLUMNS = ("part_key", "rows", "next_key", "rows_before", "total_r
 
 
 def boundary_query(*, dmo: str, partition_column: str, key_column: str, partitions: int,
-                   target_partition_rows: int | None = None,
-                   max_partitions: int = MAX_DATA_PARTITIONS) -> tuple[str, dict[str, Any]]:
+                   target_partition_rows: int | None = None, max_partitions: int = MAX_DATA_PARTITIONS,
+                   exclude: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
     """SQL (and its parameters) returning the cut candidates and the totals in a single pass.
 
     Only validated identifiers and validated integers appear in the text; the one value compared against data
     (the empty string) is a parameter. Integer division truncates in Data 360 SQL (Hyper), PostgreSQL and
     SQLite alike for integers, and every operand is non-negative, so it is a floor. ``SUM`` of a ``bigint`` is a
     ``numeric`` in PostgreSQL/Hyper, hence the casts: with fractional division the filter would pass every row.
+    ``exclude``: partition-column values left out (they have lanes of their own), passed as parameters.
     """
     for name, number in (("partitions", partitions), ("max_partitions", max_partitions)):
         if not isinstance(number, int) or isinstance(number, bool) or number < 1:
@@ -196,6 +235,8 @@ def boundary_query(*, dmo: str, partition_column: str, key_column: str, partitio
     else:
         parts = str(min(partitions, max_partitions))
     not_null_rows = 'CASE WHEN "part_key" IS NULL THEN 0 ELSE "rows" END'
+    params: dict[str, Any] = {"blank": ""}
+    where = f" WHERE {col} IS NULL OR {col} NOT IN ({value_list('lane', exclude, params)})" if exclude else ""
     sql = (
         f'SELECT {", ".join(quote_ident(c) for c in _DISTRIBUTION_COLUMNS)} FROM ('
         f'SELECT "w".*, {parts} AS "parts" FROM ('
@@ -208,7 +249,7 @@ def boundary_query(*, dmo: str, partition_column: str, key_column: str, partitio
         f'COUNT("part_key") OVER () AS "distinct_keys" '
         f'FROM (SELECT {col} AS "part_key", COUNT(*) AS "rows", '
         f'CAST(SUM(CASE WHEN {key} IS NULL OR {key} = :blank THEN 1 ELSE 0 END) AS BIGINT) AS "unkeyed" '
-        f'FROM {quote_ident(dmo)} GROUP BY {col}) "g"'
+        f'FROM {quote_ident(dmo)}{where} GROUP BY {col}) "g"'
         f') "w"'
         f') "p" '
         f'WHERE "part_key" IS NULL OR "rows_before" = 0 '
@@ -216,7 +257,25 @@ def boundary_query(*, dmo: str, partition_column: str, key_column: str, partitio
         f'<> "rows_before" * "parts" / NULLIF({non_null}, 0) '
         f'ORDER BY "rows_before"'
     )
-    return sql, {"blank": ""}
+    return sql, params
+
+
+def heavy_values_query(*, dmo: str, partition_column: str, key_column: str, min_rows: int,
+                       limit: int = MAX_LANE_ACCOUNTS) -> tuple[str, dict[str, Any]]:
+    """SQL for the partition-column values with more than ``min_rows`` rows, largest first (at most ``limit``):
+    columns ``part_key``, ``rows``, ``unkeyed`` (its rows without an external id) and ``total_rows`` (non-NULL rows
+    of the whole object)."""
+    for name, number in (("min_rows", min_rows), ("limit", limit)):
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {number!r}")
+    col, key = quote_ident(partition_column), quote_ident(key_column)
+    sql = ('SELECT "part_key", "rows", "unkeyed", "total_rows" FROM ('
+           'SELECT "part_key", "rows", "unkeyed", CAST(SUM("rows") OVER () AS BIGINT) AS "total_rows" FROM ('
+           f'SELECT {col} AS "part_key", COUNT(*) AS "rows", '
+           f'CAST(SUM(CASE WHEN {key} IS NULL OR {key} = :blank THEN 1 ELSE 0 END) AS BIGINT) AS "unkeyed" '
+           f'FROM {quote_ident(dmo)} WHERE {col} IS NOT NULL GROUP BY {col}) "g") "w" '
+           f'WHERE "rows" > :min_rows ORDER BY "rows" DESC, "part_key" LIMIT {limit}')
+    return sql, {"min_rows": min_rows, "blank": ""}
 
 
 def distribution_from_rows(rows: Iterable[Sequence[Any]]) -> KeyDistribution:
@@ -442,14 +501,56 @@ def discover(cfg: SyncConfig, datacloud: _DataCloud, salesforce: _Salesforce, *,
                               f"got {partition_key!r}"])
     warnings = validate(cfg, datacloud, salesforce)
     column = cfg.account_column if partition_key == "account" else cfg.key_column
+    serial = partition_key == "account"
+    lanes: list[list[tuple[str, int]]] = []
+    lane_unkeyed = 0
+    if serial:
+        lanes, lane_unkeyed, capacity, total = find_lanes(cfg, datacloud, column, partitions=partitions,
+                                                          target_partition_rows=target_partition_rows)
+        if lanes and target_partition_rows is None:
+            # The ranges share the rest at the lanes' size: every partition is about as long as the longest one
+            # has to be, so that all of them end together.
+            rest = total - sum(rows for lane in lanes for _, rows in lane)
+            partitions = max(1, -(-rest // capacity))
     sql, parameters = boundary_query(dmo=cfg.dmo, partition_column=column, key_column=cfg.key_column,
-                                     partitions=partitions, target_partition_rows=target_partition_rows)
+                                     partitions=partitions, target_partition_rows=target_partition_rows,
+                                     max_partitions=MAX_DATA_PARTITIONS - len(lanes),
+                                     exclude=[value for lane in lanes for value, _ in lane])
     with datacloud.query(sql, parameters) as result:
         distribution = distribution_from_rows(result)
-    planned = plan_partitions(distribution, partition_key)
+    planned = plan_partitions(distribution, partition_key, lanes=lanes, serial=serial)
+    # The totals verify reconciles against cover the lanes' rows too.
+    lane_rows = sum(rows for lane in lanes for _, rows in lane)
+    distribution = dataclasses.replace(distribution, total_rows=distribution.total_rows + lane_rows,
+                                       unkeyed_rows=distribution.unkeyed_rows + lane_unkeyed,
+                                       distinct_values=distribution.distinct_values + sum(map(len, lanes)))
     before = salesforce.query_count(salesforce_count_soql(cfg))
     return Discovery(partitions=planned, distribution=distribution, key=partition_key,
                      salesforce_count_before=before, warnings=warnings)
+
+
+def find_lanes(cfg: SyncConfig, datacloud: _DataCloud, column: str, *, partitions: int,
+               target_partition_rows: int | None) -> tuple[list[list[tuple[str, int]]], int, int, int]:
+    """Accounts with more rows than one Bulk job of a serial partition, packed into lanes (:func:`plan_lanes`) of
+    the average partition's size (``target_partition_rows``, else the rows over ``partitions``) or the largest such
+    Account's, whichever is more.
+
+    :return: the lanes, how many of their rows have no external id, the lanes' capacity and the non-NULL rows of
+        the whole object (0 and 0 when no Account is that large).
+    """
+    sql, parameters = heavy_values_query(dmo=cfg.dmo, partition_column=column, key_column=cfg.key_column,
+                                         min_rows=cfg.load.serial_job_records)
+    heavy: list[tuple[str, int]] = []
+    unkeyed = total = 0
+    with datacloud.query(sql, parameters) as result:
+        for value, rows, value_unkeyed, total_rows in result:
+            heavy.append((str(value), int(rows)))
+            unkeyed += int(value_unkeyed or 0)
+            total = int(total_rows)
+    if not heavy:
+        return [], 0, 0, 0
+    capacity = max(target_partition_rows or -(-total // max(1, partitions)), max(rows for _, rows in heavy))
+    return plan_lanes(heavy, capacity), unkeyed, capacity, total
 
 
 def partitions_table(partitions: Sequence[Partition]) -> str:

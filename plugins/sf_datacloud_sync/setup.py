@@ -5,11 +5,11 @@ must exist before the first run. Pools are metadata-database state, and tasks in
 database or a pool API (the Execution API has none), so the DAG cannot create its own pool. Create it once per
 deployment, either with the CLI::
 
-    airflow pools set salesforce_bulk 10 "Concurrent Salesforce Bulk API 2.0 jobs" --include-deferred
+    airflow pools set salesforce_bulk 16 "Concurrent Salesforce Bulk API 2.0 jobs" --include-deferred
 
 or from Python on a machine with metadata-database access (``make demo`` and the tests use this)::
 
-    PYTHONPATH=plugins python -m sf_datacloud_sync.setup --slots 10
+    PYTHONPATH=plugins python -m sf_datacloud_sync.setup --slots 16
 
 ``include_deferred`` matters: a partition spends most of its time *deferred* while Salesforce processes its jobs,
 and without it deferred tasks free their slot, so the pool would not cap concurrent Bulk jobs at all.
@@ -26,7 +26,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_POOL = "salesforce_bulk"
-DEFAULT_SLOTS = 10
+DEFAULT_SLOTS = 16
 DEFAULT_DESCRIPTION = "Concurrent Salesforce Bulk API 2.0 jobs of the Data Cloud sync (deferred tasks count)"
 
 

@@ -68,7 +68,7 @@ def test_load_partition_is_mapped_named_and_pooled(dag) -> None:
     assert load.map_index_template == "{{ task.partition_label }}"
     assert load.pool == "salesforce_bulk"
     assert load.pool_slots == 1
-    assert load.max_active_tis_per_dagrun == 10
+    assert load.max_active_tis_per_dagrun == 16
     kwargs = load.partial_kwargs
     assert kwargs["max_records_per_job"] == "{{ params.max_records_per_job }}"
     assert kwargs["dry_run"] == "{{ params.dry_run }}"
@@ -97,7 +97,7 @@ def test_deadline_alert(dag) -> None:
 
 def test_param_defaults_validate(dag) -> None:
     values = dag.params.validate()
-    assert values == {"partitions": 10, "target_partition_rows": None, "partition_key": "account",
+    assert values == {"partitions": 15, "target_partition_rows": None, "partition_key": "account",
                       "max_records_per_job": 100_000, "dry_run": False, "tolerance": 0}
     for name, param in dag.params.items():
         p = dag.params.get_param(name)

@@ -24,6 +24,7 @@ from sf_datacloud_sync.discover import (
     discover,
     distribution_from_rows,
     partition_target,
+    plan_lanes,
     plan_partitions,
 )
 from sf_datacloud_sync.utils.partitions import Partition, range_query
@@ -394,7 +395,7 @@ def test_discover_validates_then_plans_in_one_query() -> None:
                         "target": {"object": "Opportunity", "external_id_field": "ExternalId__c"},
                         "mapping": {KEY: "ExternalId__c", ACCOUNT: "Account.ExternalId__c", "Name__c": "Name"}})
     result = discover(cfg, dc, sf, partition_key="account", partitions=3)
-    assert len(dc.queries) == 3  # the probe of the failed attempt, this probe, one boundary query
+    assert len(dc.queries) == 4  # the probe of the failed attempt, this probe, the large-Account query, the boundaries
     plan = result.plan()
     assert plan["total_rows"] == 202 and plan["null_rows"] == 1 and plan["unkeyed_rows"] == 2
     assert plan["keyed_rows"] == 200 and plan["salesforce_count_before"] == 7
@@ -438,3 +439,81 @@ def test_partition_dicts_round_trip(data: st.DataObject) -> None:
     for p in plan_from_counts(counts, n, nulls=1):
         assume(True)
         assert Partition.from_dict(p.to_dict()) == p
+
+
+# -- lanes for large Accounts (partition_key=account) ---------------------------------------------------------------
+
+
+def test_plan_lanes_packs_largest_first_within_the_capacity() -> None:
+    lanes = plan_lanes([("a", 5), ("b", 9), ("c", 3), ("d", 4), ("e", 12)], capacity=9)
+    assert lanes == [[("e", 12)], [("b", 9)], [("a", 5), ("d", 4)], [("c", 3)]]
+    assert plan_lanes([], capacity=5) == []
+    # Ties on size are broken by value, so the plan is the same on every run.
+    assert plan_lanes([("y", 2), ("x", 2)], capacity=2) == [[("x", 2)], [("y", 2)]]
+
+
+def _lane_config(serial_job_records: int) -> Any:
+    return parse_config({"source": {"dmo": DMO, "key_column": KEY, "account_column": ACCOUNT},
+                         "target": {"object": "Opportunity", "external_id_field": "ExternalId__c"},
+                         "mapping": {KEY: "ExternalId__c", ACCOUNT: "Account.ExternalId__c", "Name__c": "Name"},
+                         "load": {"serial_job_records": serial_job_records}})
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.integers(1, 25), min_size=0, max_size=12), small=st.integers(0, 40),
+       nulls=st.integers(0, 3), n=st.integers(1, 8), threshold=st.integers(1, 10))
+def test_lanes_and_ranges_cover_every_row_once(sizes: list[int], small: int, nulls: int, n: int,
+                                               threshold: int) -> None:
+    """Accounts over ``serial_job_records`` rows get lanes (values with quotes included), the ranges exclude them,
+    and the partitions' own queries return every row exactly once."""
+    rows: list[tuple[str | None, str | None]] = []
+    for a, size in enumerate(sizes):
+        rows += [(f"K-{a}-{i}", f"ACC-'{a}'") for i in range(size)]
+    rows += [(f"S{i:03d}", f"SMALL-{i % 5}") for i in range(small)]
+    rows += [(f"N{i}", None) for i in range(nulls)] + [("", "ACC-'0'")]
+    conn = _sqlite(rows)
+    conn.execute(f'ALTER TABLE "{DMO}" ADD COLUMN "StageName__c" TEXT')
+    conn.execute(f'ALTER TABLE "{DMO}" ADD COLUMN "CloseDate__c" TEXT')
+    result = discover(_lane_config(threshold), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
+                      partitions=n)
+    parts = result.partitions
+    per_account = Counter(a for _, a in rows if a is not None)
+    heavy = {a for a, c in per_account.items() if c > threshold}
+    lanes = [p for p in parts if p.accounts]
+    assert {a for p in lanes for a in p.accounts} == heavy
+    assert parts[:len(lanes)] == lanes  # lanes first, largest first
+    assert [p.expected_rows for p in lanes] == sorted((p.expected_rows for p in lanes), reverse=True)
+    assert all(p.serial for p in parts)
+    plan = result.plan()
+    assert plan["total_rows"] == len(rows) and plan["unkeyed_rows"] == 1 and plan["null_rows"] == nulls
+    seen: Counter[int] = Counter()
+    for p in parts:
+        sql, params = range_query(p, dmo=DMO, columns=["rowid", KEY, ACCOUNT], key_column=KEY,
+                                  account_column=ACCOUNT)
+        assert "'" not in sql  # the quoted Account values travel as parameters
+        got = conn.execute(sql, params).fetchall()
+        assert len(got) == p.expected_rows, p
+        assert all(p.contains(r[2]) for r in got)
+        seen.update(r[0] for r in got)
+        assert Partition.from_dict(p.to_dict()) == p
+    assert sorted(seen) == list(range(1, len(rows) + 1))
+    assert max(seen.values(), default=1) == 1
+
+
+def test_lanes_count_towards_the_partitions_asked_for() -> None:
+    """2 Accounts over the threshold: 2 lanes, then ranges as long as the longest lane (60 rows) for the other 90
+    rows, which exclude them."""
+    rows = [(f"W{i:03d}", "WHALE") for i in range(60)] + [(f"V{i:03d}", "BIG") for i in range(30)]
+    rows += [(f"S{i:03d}", f"SMALL-{i:02d}") for i in range(90)]
+    conn = _sqlite(rows)
+    conn.execute(f'ALTER TABLE "{DMO}" ADD COLUMN "StageName__c" TEXT')
+    conn.execute(f'ALTER TABLE "{DMO}" ADD COLUMN "CloseDate__c" TEXT')
+    parts = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
+                     partitions=5).partitions
+    assert [(p.accounts, p.expected_rows) for p in parts[:2]] == [(("WHALE",), 60), (("BIG",), 30)]
+    assert [p.expected_rows for p in parts[2:]] == [45, 45]
+    assert all(p.exclude == ("WHALE", "BIG") for p in parts[2:])
+    assert parts[0].label == "P00 account WHALE" and parts[2].label.startswith("P02 [")
+    by_key = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="external_id",
+                      partitions=5).partitions
+    assert not any(p.accounts or p.exclude or p.serial for p in by_key)

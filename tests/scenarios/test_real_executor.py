@@ -335,10 +335,12 @@ def test_marking_the_run_failed_aborts_every_open_job(airflow_rx: Standalone, rx
 
 def start_run_to_stop(airflow_rx: Standalone, org: EmulatorProcess) -> str:
     """A fresh org whose jobs take long (200 ms/row in 5-row chunks, so an abort lands at once) and a run of two
-    Account partitions on it: the run the emergency-stop scenarios mark failed. The caller restores the profile."""
+    Account partitions on it, each one job (an Account partition waits in the worker for each job before it closes
+    the next; its last job it waits for in the triggerer): the run the emergency-stop scenarios mark failed. The
+    caller restores the profile."""
     org.reset()
     org.control("PUT", "profile", {"name": "instant", "per_record_ms": 200, "chunk_records": 5})
-    return airflow_rx.trigger(partitions=2, partition_key="account", max_records_per_job=300,
+    return airflow_rx.trigger(partitions=2, partition_key="account", max_records_per_job=2_000,
                               target_partition_rows=None, dry_run=False, tolerance=0)
 
 
@@ -418,7 +420,7 @@ def test_marking_the_run_failed_right_after_deferral_aborts_every_job(
         org.control("PUT", "profile", {"name": "instant"})
     airflow_rx.assert_marked_failed(run_id)
     # Every job still open when the run was stopped, and any created after, ended Aborted: none ran on to
-    # JobComplete (a 300-row job takes a minute here).
+    # JobComplete (a partition's job takes minutes here).
     finished_before = {j for j, s in at_stop.items() if s not in OPEN_STATES}
     assert {s for j, s in jobs.items() if j not in finished_before} == {"Aborted"}, (at_stop, jobs)
     figures.append({"scenario": "8c emergency stop right after deferral (guard + API listener)", "rows_checked": 0,

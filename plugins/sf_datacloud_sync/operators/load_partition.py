@@ -32,6 +32,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from sf_datacloud_sync.utils.ledger import (
     ABORTED,
     FAILED,
+    IN_PROGRESS,
     JOB_COMPLETE,
     MAX_JOB_IDS,
     OPEN,
@@ -57,6 +58,15 @@ TRANSIENT_JOB_ERRORS = frozenset({"TooManyLockFailure", "Unknown", "Timeout", "I
 UNPROCESSED_CODE = "UNPROCESSED"
 MAX_BACKOFF_S = 300.0
 MAX_QUERY_RESUMES = 5
+SERIAL_FIRST_POLL = 0.8  # serial partitions: first poll at this share of the last job's close-to-done time
+SERIAL_MIN_POLL_S = 0.2
+# Serial partitions overlap two jobs only where a batch takes this long at the org (a real org: ~36 s per 10,000
+# rows); where batches are quick, the dequeue delay is not worth hiding.
+EARLY_CLOSE_MIN_ACTIVE_S = 10.0
+SERIAL_MAX_QUEUED_LOOK_S = 2.0  # longest pause between looks at a job waiting to be dequeued
+# Every so many jobs the first look comes at half the dequeue delay seen so far: an estimate inflated by one slow
+# dequeue (or a batch that waited for a thread) comes down again.
+SERIAL_PROBE_EVERY = 4
 SETTLE_TIMEOUT_S = 120.0
 _DEFER_MARGIN_S = 600.0
 
@@ -151,6 +161,12 @@ class LoadPartitionOperator(BaseOperator):
         if n < 1:
             raise AirflowFailException(f"max_records_per_job must be at least 1, got {n}")
         return n
+
+    def job_records(self, part: Partition) -> int:
+        """Rows per job for ``part``: a serial partition's jobs are one internal batch at most."""
+        if part.serial:
+            return min(self.records_per_job, self.config.load.serial_job_records)
+        return self.records_per_job
 
     # -- entry points --------------------------------------------------------------------------------------------
     def execute(self, context: Mapping[str, Any]) -> dict[str, Any]:
@@ -260,7 +276,7 @@ class LoadPartitionOperator(BaseOperator):
         source = SourceRows(self.datacloud, part, cfg, after=None, log=self.log)
         chunks = nbytes = 0
         try:
-            for chunk in iter_chunks(source, cfg.target_fields, self.records_per_job, cfg.load.max_bytes_per_job,
+            for chunk in iter_chunks(source, cfg.target_fields, self.job_records(part), cfg.load.max_bytes_per_job,
                                      key_func=source.key_of, column_types=source.types,
                                      line_ending=cfg.load.line_ending):
                 chunks += 1
@@ -270,7 +286,7 @@ class LoadPartitionOperator(BaseOperator):
         finally:
             source.close()
         self.log.info("%s dry run: %d rows, %d jobs of at most %d rows, %d CSV bytes; nothing was written",
-                      part.label, source.read, chunks, self.records_per_job, nbytes)
+                      part.label, source.read, chunks, self.job_records(part), nbytes)
         return {**_partition_fields(part), "rows": source.read, "upserted": 0, "failed": 0, "failed_by_code": {},
                 "retried": 0, "rounds": 0, "jobs": [], "job_count": 0, "would_create_jobs": chunks,
                 "csv_bytes": nbytes, "duration_s": round(time.monotonic() - started, 2), "artifact": None,
@@ -295,10 +311,14 @@ class _PartitionRun:
         self.lock = threading.RLock()
         self.killed = threading.Event()
         self.aborted: set[str] = set()
+        self.closed_at: dict[str, float] = {}  # serial partitions: when this attempt closed each job
+        self.serial_took_s = 0.0  # serial partitions: the last finished job's close-to-done time
+        self.serial_active_per_record = 0.0  # ... and its apiActiveProcessingTime per record, in seconds
+        self.serial_dequeue_s: float | None = None  # close to InProgress, the shortest seen (see wait_turn)
+        self.serial_looks = 0
         self._last_line = ""
         self.ledger, stale = Ledger.load(self.store, run_id=self.run_id, label=self.label,
-                                         bounds=[self.part.key, self.part.lower, self.part.upper,
-                                                 self.part.null_bucket], attempt=self.attempt)
+                                         bounds=self.part.bounds, attempt=self.attempt)
         if stale is not None:
             self._abandon(stale)
         # The API server aborts this partition's jobs when it is marked failed (sf_datacloud_sync.stop): it reads
@@ -426,12 +446,12 @@ class _PartitionRun:
         self.log.info("%s: streaming rows from Data Cloud %s (%d rows already at Salesforce)", self.label,
                       f"after key {after!r}" if after is not None else "from the start", base)
         source = SourceRows(self.op.datacloud, self.part, cfg, after=after, log=self.log)
-        bulk = LedgerBulk(self.op.bulk, self, round_=0)
+        bulk = LedgerBulk(self.op.bulk, self, round_=0, serial=self.part.serial)
         try:
             for _job in stream_rows_to_jobs(
                 bulk, source, object_name=cfg.target_object, external_id_field=cfg.external_id_field,
                 header=cfg.target_fields, column_types=source.types, key_func=source.key_of,
-                max_records_per_job=self.op.records_per_job, max_bytes_per_job=cfg.load.max_bytes_per_job,
+                max_records_per_job=self.op.job_records(self.part), max_bytes_per_job=cfg.load.max_bytes_per_job,
                 line_ending=cfg.load.line_ending, on_job_submitted=self._submitted, on_job_created=bulk.job_created,
             ):
                 self.progress(read=base + source.read)
@@ -474,6 +494,69 @@ class _PartitionRun:
             still.pop(0)
         self.save()
         return still
+
+    def wait_turn(self) -> None:
+        """Serial partitions: block until the next job may be closed.
+
+        The next job is created and uploaded while the current one runs, so only the close, the org's dequeue delay
+        and a poll separate two batches of the partition. Every job but the newest must have processed all its
+        rows. The newest one must too, except once the org has shown that a batch takes long
+        (``apiActiveProcessingTime``, scaled to the job's rows, of at least :data:`EARLY_CLOSE_MIN_ACTIVE_S`): then
+        the next job is closed one dequeue delay before the newest is expected to end, counted from the poll that
+        first saw it InProgress (it started before that poll; the dequeue delay is the shortest close-to-InProgress
+        seen). A job still queued is waited for. One InProgress
+        whose batch still waits for an org thread can overlap the next; two batches of one Account then take turns
+        per 200-row transaction, with lock waits far below Salesforce's 10 s timeout, and never more than two.
+        """
+        cfg = self.cfg.load
+        running = self.ledger.running_job_ids()
+        for job_id in running:
+            records = int(self.ledger.jobs[job_id]["records"])
+            newest = job_id == running[-1]
+            closed = self.closed_at.get(job_id) if newest else None  # older ones are (nearly) done: just ask
+            took, active = self.serial_took_s, self.serial_active_per_record * records
+            may_overlap = closed is not None and active >= EARLY_CLOSE_MIN_ACTIVE_S
+            if may_overlap:  # look when it should have left the queue; now and then earlier, to see it shrink
+                self.serial_looks += 1
+                share = 0.5 if self.serial_looks % SERIAL_PROBE_EVERY == 0 else 1.0
+                self._pause(closed + share * (self.serial_dequeue_s or 0.0) + SERIAL_MIN_POLL_S - time.monotonic())
+            elif closed is not None and took:
+                self._pause(closed + SERIAL_FIRST_POLL * took - time.monotonic())
+            interval = max(SERIAL_MIN_POLL_S, min(cfg.poll_interval_s, took / 40)) if took else SERIAL_MIN_POLL_S
+            deadline = time.monotonic() + cfg.job_timeout_s
+            queued_look = SERIAL_MIN_POLL_S
+            while True:
+                info = self.op.bulk.get_job(job_id)
+                now = time.monotonic()
+                with self.lock:
+                    self.ledger.job_status(job_id, info)
+                state = info.get("state")
+                if state in TERMINAL_STATES or int(info.get("numberRecordsProcessed") or 0) >= records:
+                    if closed is not None:
+                        self.serial_took_s = now - closed
+                        processed = max(1, int(info.get("numberRecordsProcessed") or 0))
+                        self.serial_active_per_record = float(info.get("apiActiveProcessingTime") or 0) / 1000 / processed
+                    break
+                if state == IN_PROGRESS and may_overlap:
+                    # It left the queue before this poll: the dequeue delay is at most ``now - closed``, and the job
+                    # ends before now + active; the next one, closed a dequeue delay before that, cannot start
+                    # earlier.
+                    seen = now - closed
+                    self.serial_dequeue_s = seen if self.serial_dequeue_s is None else min(self.serial_dequeue_s, seen)
+                    self._pause(now + active - self.serial_dequeue_s - time.monotonic())
+                    break
+                if now > deadline:
+                    raise AirflowException(f"{self.label}: Bulk job {job_id} STILL RUNNING at Salesforce after "
+                                           f"{cfg.job_timeout_s:.0f}s (not failed); a retry re-attaches to it")
+                if may_overlap:  # watching for the start: short looks, then longer (a 30 s dequeue costs ~12)
+                    queued_look = min(queued_look * 1.25, SERIAL_MAX_QUEUED_LOOK_S)
+                self._pause(queued_look if may_overlap else interval)
+                interval = min(interval * 1.25, cfg.poll_max_interval_s)
+        self.save()
+
+    def _pause(self, seconds: float) -> None:
+        if seconds > 0 and self.killed.wait(seconds):
+            raise AirflowException(f"{self.label}: stopped; no further Bulk job is started")
 
     def apply_job_states(self, jobs: Mapping[str, Mapping[str, Any]]) -> None:
         """The trigger event's states; jobs it does not mention are asked directly."""
@@ -536,11 +619,11 @@ class _PartitionRun:
         retry = _RetryRows(self, parents, round_, skip)
         header = self.cfg.target_fields
         ext_pos = header.index(self.cfg.external_id_field)
-        bulk = LedgerBulk(self.op.bulk, self, round_=round_)
+        bulk = LedgerBulk(self.op.bulk, self, round_=round_, serial=self.part.serial)
         for _job in stream_rows_to_jobs(
             bulk, retry, object_name=self.cfg.target_object, external_id_field=self.cfg.external_id_field,
             header=header, column_types=None, key_func=lambda row: [row[ext_pos]],
-            max_records_per_job=self.op.records_per_job, max_bytes_per_job=self.cfg.load.max_bytes_per_job,
+            max_records_per_job=self.op.job_records(self.part), max_bytes_per_job=self.cfg.load.max_bytes_per_job,
             line_ending=self.cfg.load.line_ending, on_job_created=bulk.job_created,
         ):
             self.progress()
@@ -802,13 +885,15 @@ class LedgerBulk:
     ``submit_ingest_job`` is create → ledger ``Open`` (with the chunk's row count and first/last key, which
     the transfer hands over through ``on_created``: pass ``on_job_created=ledger_bulk.job_created``) → upload →
     ledger ``Uploaded`` (the rows now count, the committed key moves) → close → ledger ``UploadComplete``. It runs
-    in the transfer's uploader thread; the ledger is shared under a lock.
+    in the transfer's uploader thread; the ledger is shared under a lock. ``serial``: the close waits until the
+    jobs closed before have processed all their rows (:meth:`_PartitionRun.wait_turn`).
     """
 
-    def __init__(self, hook: SalesforceBulk2Hook, run: _PartitionRun, *, round_: int) -> None:
+    def __init__(self, hook: SalesforceBulk2Hook, run: _PartitionRun, *, round_: int, serial: bool = False) -> None:
         self.hook = hook
         self.run = run
         self.round = round_
+        self.serial = serial
         self.max_upload_bytes = hook.max_upload_bytes
 
     def job_created(self, job: SubmittedJob) -> None:
@@ -843,7 +928,10 @@ class LedgerBulk:
                 run.log.warning("%s: could not abort job %s after its upload failed: %s", run.label, job_id, exc)
             raise
         run.record(lambda led: led.job_uploaded(job_id))
+        if self.serial:
+            run.wait_turn()
         info = self.hook.close_job(job_id)  # if this fails the job stays Uploaded; the next attempt closes it
+        run.closed_at[job_id] = time.monotonic()
         run.record(lambda led: led.job_closed(job_id, info.get("state") or UPLOAD_COMPLETE))
         return info
 

@@ -1,10 +1,12 @@
-"""Partitions of the source key space: half-open ranges open at both ends, plus a bucket for NULL keys.
+"""Partitions of the source key space: half-open ranges open at both ends, plus a bucket for NULL keys, plus
+(with ``partition_key=account``) *lanes*: explicit lists of large Accounts loaded on their own.
 
 A partition travels through XCom as a small dict (``Partition.to_dict``); it never carries rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,7 +15,13 @@ PARTITION_KEYS = ("external_id", "account")
 
 @dataclass(frozen=True)
 class Partition:
-    """Rows whose partition column is in ``[lower, upper)``; ``None`` bounds are open; ``null_bucket`` is IS NULL."""
+    """Rows whose partition column is in ``[lower, upper)``; ``None`` bounds are open; ``null_bucket`` is IS NULL.
+
+    ``accounts`` (a lane): exactly the rows whose partition column is one of these values (bounds unused).
+    ``exclude``: values inside ``[lower, upper)`` that belong to lanes. ``serial``: load one Bulk job at a time, each
+    at most one internal batch (see ``LoadPartitionOperator``), so that no two batches of the partition ever run at
+    once.
+    """
 
     index: int
     count: int
@@ -22,31 +30,54 @@ class Partition:
     upper: str | None
     null_bucket: bool = False
     expected_rows: int = 0
+    accounts: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    serial: bool = False
 
     @property
     def label(self) -> str:
         """What the Airflow UI shows for this map index, e.g. ``P03 [OPP-0420…, OPP-0630)``."""
         if self.null_bucket:
             return f"P{self.index:02d} NULL {self.key}"
+        if self.accounts:
+            first = _short(self.accounts[0])
+            if len(self.accounts) == 1:
+                return f"P{self.index:02d} {self.key} {first}"
+            return f"P{self.index:02d} {len(self.accounts)} {self.key}s {first} +{len(self.accounts) - 1}"
         lo = "−∞" if self.lower is None else _short(self.lower)
         hi = "+∞" if self.upper is None else _short(self.upper)
         return f"P{self.index:02d} [{lo}, {hi})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "label": self.label}
+        # Lists, not tuples: XCom stores JSON (a tuple would be stored with its Python class).
+        return {**asdict(self), "accounts": list(self.accounts), "exclude": list(self.exclude), "label": self.label}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Partition:
-        fields = {k: data[k] for k in ("index", "count", "key", "lower", "upper", "null_bucket", "expected_rows")
-                  if k in data}
+        fields: dict[str, Any] = {k: data[k] for k in ("index", "count", "key", "lower", "upper", "null_bucket",
+                                                        "expected_rows", "serial") if k in data}
+        for name in ("accounts", "exclude"):
+            if data.get(name):
+                fields[name] = tuple(data[name])
         return cls(**fields)
+
+    @property
+    def bounds(self) -> list[Any]:
+        """What identifies the partition's rows (a ledger written for other bounds is never resumed)."""
+        bounds: list[Any] = [self.key, self.lower, self.upper, self.null_bucket]
+        if self.accounts or self.exclude:
+            bounds += [list(self.accounts), list(self.exclude)]
+        return bounds
 
     def contains(self, value: str | None) -> bool:
         if self.null_bucket:
             return value is None
         if value is None:
             return False
-        return (self.lower is None or value >= self.lower) and (self.upper is None or value < self.upper)
+        if self.accounts:
+            return value in self.accounts
+        return (self.lower is None or value >= self.lower) and (self.upper is None or value < self.upper) \
+            and value not in self.exclude
 
 
 def _short(value: str, width: int = 12) -> str:
@@ -81,6 +112,8 @@ def range_query(partition: Partition, *, dmo: str, columns: list[str], key_colum
     params: dict[str, Any] = {}
     if partition.null_bucket:
         where.append(f"{part_col} IS NULL")
+    elif partition.accounts:
+        where.append(f"{part_col} IN ({value_list('lane', partition.accounts, params)})")
     else:
         if partition.lower is not None:
             where.append(f"{part_col} >= :lower")
@@ -91,6 +124,8 @@ def range_query(partition: Partition, *, dmo: str, columns: list[str], key_colum
         if partition.lower is None and partition.upper is None:
             # The only data partition (n=1): "(-inf, +inf)" must still leave NULL keys to the NULL bucket.
             where.append(f"{part_col} IS NOT NULL")
+        if partition.exclude:
+            where.append(f"{part_col} NOT IN ({value_list('lane', partition.exclude, params)})")
     if resume_after is not None:
         where.append(_after_predicate(order, resume_after, params))
     sql = f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM {quote_ident(dmo)}"
@@ -101,6 +136,15 @@ def range_query(partition: Partition, *, dmo: str, columns: list[str], key_colum
     # skipped the account's NULL-key rows that came after it.
     sql += " ORDER BY " + ", ".join(f"{quote_ident(c)} NULLS FIRST" for c in order)
     return sql, params
+
+
+def value_list(prefix: str, values: Sequence[str], params: dict[str, Any]) -> str:
+    """``:lane_0, :lane_1, …`` with each value added to ``params`` (values from data are never SQL text)."""
+    names = []
+    for i, value in enumerate(values):
+        params[f"{prefix}_{i}"] = value
+        names.append(f":{prefix}_{i}")
+    return ", ".join(names)
 
 
 def _after_predicate(order: list[str], after: list[str | None], params: dict[str, Any]) -> str:

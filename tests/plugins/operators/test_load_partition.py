@@ -241,6 +241,79 @@ def test_account_partition_streams_in_account_order(sync_env):
     assert len(committed) == 2 and ACC_PARTITION.lower <= committed[0] < ACC_PARTITION.upper
 
 
+def largest_accounts(emulator: Any, n: int) -> list[tuple[str, int]]:
+    with sqlite3.connect(f"file:{emulator.data_dir / 'datacloud.sqlite'}?mode=ro", uri=True) as db:
+        return db.execute(f'SELECT "AccountExternalId__c", COUNT(*) FROM "{DMO}" WHERE "AccountExternalId__c" IS NOT '
+                          'NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?', (n,)).fetchall()
+
+
+@pytest.mark.parametrize("early_close", [False, True])
+def test_serial_lane_keeps_one_job_at_a_time(sync_env, monkeypatch, early_close):
+    """A lane of the two largest Accounts, in jobs of at most 40 rows. Each job is closed once the ones before it
+    have processed all their rows; with early closes (batches that take long at the org) the newest one may still be
+    InProgress, never queued, and never more than one."""
+    import sf_datacloud_sync.operators.load_partition as lp
+    from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
+    from sf_datacloud_sync.utils.ledger import Ledger
+
+    emulator = sync_env.emulator
+    accounts = largest_accounts(emulator, 2)
+    total = sum(n for _, n in accounts)
+    assert total > 80  # several jobs
+    lane = Partition(index=0, count=4, key="account", lower=None, upper=None, expected_rows=total,
+                     accounts=tuple(a for a, _ in accounts), serial=True)
+    records: dict[str, int] = {}
+    closed: list[str] = []
+    overlaps: list[tuple[str, dict[str, Any]]] = []
+    early: list[str] = []
+    close_job, job_opened = SalesforceBulk2Hook.close_job, Ledger.job_opened
+
+    def checked_close(self: SalesforceBulk2Hook, job_id: str) -> dict[str, Any]:
+        for earlier in closed:
+            info = self.get_job(earlier)
+            done = info["state"] in ("JobComplete", "Failed", "Aborted") or \
+                info["numberRecordsProcessed"] >= records[earlier]
+            if not done and early_close and earlier == closed[-1] and info["state"] == "InProgress":
+                early.append(earlier)
+            elif not done:
+                overlaps.append((earlier, info))
+        closed.append(job_id)
+        return close_job(self, job_id)
+
+    def opened(self: Ledger, job_id: str, **kw: Any) -> None:
+        records[job_id] = kw["records"]
+        job_opened(self, job_id, **kw)
+
+    monkeypatch.setattr(SalesforceBulk2Hook, "close_job", checked_close)
+    monkeypatch.setattr(Ledger, "job_opened", opened)
+    # 40 rows at 20 ms in 10-row transactions: 0.8 s of processing per job, "long" when the threshold is lowered to
+    # 0.5 s; a job leaves the queue 0.5 s after its close, so an early close lands while the job before is running.
+    monkeypatch.setattr(lp, "EARLY_CLOSE_MIN_ACTIVE_S", 0.5 if early_close else 1e9)
+    emulator.control("PUT", "profile", {"name": "instant", "per_record_ms": 20, "chunk_records": 10,
+                                        "job_dequeue_delay_s": 0.5})
+    config = write_config(sync_env.tmp / "serial.yaml", serial_job_records=40)
+    make = operator_factory(SimpleNamespace(config=config), lane)
+    try:
+        summary = Driver(lambda **kw: make(**kw), Store()).attempt()
+    finally:
+        emulator.control("PUT", "profile", {"name": "instant"})
+
+    check_summary(summary, lane, total)
+    assert summary["job_count"] == len(closed) == -(-total // 40)
+    assert max(records.values()) <= 40 and sum(records.values()) == total
+    assert overlaps == []
+    assert bool(early) == early_close  # the early path was taken (the emulator's chunks make it InProgress)
+    assert summary["upserted"] == total - len(set(bad_rows(emulator)) & _lane_keys(emulator, lane))
+    assert emulator.stats()["duplicate_uploads"] == 0
+
+
+def _lane_keys(emulator: Any, lane: Partition) -> set[str]:
+    with sqlite3.connect(f"file:{emulator.data_dir / 'datacloud.sqlite'}?mode=ro", uri=True) as db:
+        marks = ", ".join("?" * len(lane.accounts))
+        return {r[0] for r in db.execute(f'SELECT "ExternalId__c" FROM "{DMO}" WHERE "AccountExternalId__c" IN '
+                                         f'({marks})', lane.accounts)}
+
+
 # -- transient failures ------------------------------------------------------------------------------------------------
 def test_lock_errors_are_resent_until_upserted(sync_env):
     emulator = sync_env.emulator
