@@ -504,9 +504,9 @@ class _PartitionRun:
         (``apiActiveProcessingTime``, scaled to the job's rows, of at least :data:`EARLY_CLOSE_MIN_ACTIVE_S`): then
         the next job is closed one dequeue delay before the newest is expected to end, counted from the poll that
         first saw it InProgress (it started before that poll; the dequeue delay is the shortest close-to-InProgress
-        seen). A job still queued is waited for. One InProgress
-        whose batch still waits for an org thread can overlap the next; two batches of one Account then take turns
-        per 200-row transaction, with lock waits far below Salesforce's 10 s timeout, and never more than two.
+        seen). A job still queued is waited for. One InProgress whose batch still waits for an org thread can overlap
+        the next; two batches of one Account then take turns per 200-row transaction, with lock waits far below
+        Salesforce's 10 s timeout, and never more than two.
         """
         cfg = self.cfg.load
         running = self.ledger.running_job_ids()
