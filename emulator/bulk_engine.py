@@ -453,7 +453,7 @@ class Engine:
         self.write_lock = WriteLock()  # one bulk writer at a time; taken after any job lock, never before
         self._writer: sqlite3.Connection | None = None
         self.sql_cache: dict[tuple, str] = {}  # multi-row statements of the fast path
-        self._indexed: dict[str, frozenset[str]] = {}
+        self._indexes: dict[str, tuple[tuple[bool, tuple[str, ...]], ...]] = {}
         self._variable_limit = 0
         self.jobs_lock = threading.RLock()
         self.jobs: dict[str, Job] = {}
@@ -498,16 +498,20 @@ class Engine:
             c.execute(f"PRAGMA journal_size_limit={WRITER_WAL_KEEP_BYTES}")
         return c
 
-    def indexed_columns(self, table: str) -> frozenset[str]:
-        """Columns of ``table`` that some index covers (cached)."""
-        cols = self._indexed.get(table)
-        if cols is None:
+    def indexes(self, table: str) -> tuple[tuple[bool, tuple[str, ...]], ...]:
+        """``(unique, columns)`` of each index of ``table`` (cached: the schema does not change while serving)."""
+        found = self._indexes.get(table)
+        if found is None:
             conn = self.conn()
-            names: set[str] = set()
-            for index in conn.execute(f'PRAGMA index_list("{table}")').fetchall():
-                names.update(info[2] for info in conn.execute(f'PRAGMA index_info("{index[1]}")') if info[2])
-            cols = self._indexed[table] = frozenset(names)
-        return cols
+            found = self._indexes[table] = tuple(
+                (bool(index[2]), tuple(info[2] for info in conn.execute(f'PRAGMA index_info("{index[1]}")')
+                                       if info[2]))
+                for index in conn.execute(f'PRAGMA index_list("{table}")').fetchall())
+        return found
+
+    def indexed_columns(self, table: str) -> frozenset[str]:
+        """Columns of ``table`` that some index covers."""
+        return frozenset(c for _, columns in self.indexes(table) for c in columns)
 
     def variable_limit(self, conn: sqlite3.Connection) -> int:
         if not self._variable_limit:
@@ -2131,11 +2135,8 @@ class Writer:
         duplicates, an insert job may repeat a key) and no record has an id in the range of the new ids (they come
         from a sequence). Inside the write transaction nobody else can add a record in between."""
         table = self.obj.name
-        for index in conn.execute(f'PRAGMA index_list("{table}")').fetchall():
-            if index[2]:  # unique
-                columns = [info[2] for info in conn.execute(f'PRAGMA index_info("{index[1]}")')]
-                if columns != ["Id"] and columns != [key_field.name]:
-                    return False
+        if any(unique and columns not in (("Id",), (key_field.name,)) for unique, columns in self.engine.indexes(table)):
+            return False
         present = [k for k in keys if k is not None]  # NULLs never clash
         if len(set(present)) != len(present):
             return False

@@ -174,7 +174,7 @@ def plan_lanes(heavy: Sequence[tuple[str, int]], capacity: int) -> list[list[tup
 
 
 def plan_partitions(distribution: KeyDistribution, key: str, *,
-                    lanes: Sequence[Sequence[tuple[str, int]]] = (), serial: bool = False) -> list[Partition]:
+                    lanes: Sequence[Sequence[tuple[str, int]]] = ()) -> list[Partition]:
     """Lanes (largest first, so that they start first), then half-open ranges open at both ends (which exclude the
     lanes' values), plus, when NULL keys exist, a NULL bucket: complete and disjoint.
 
@@ -195,10 +195,10 @@ def plan_partitions(distribution: KeyDistribution, key: str, *,
         parts.append((None, None, True, distribution.null_rows))
     count = len(lanes) + len(parts)
     planned = [Partition(index=i, count=count, key=key, lower=None, upper=None, expected_rows=sum(r for _, r in lane),
-                         accounts=tuple(v for v, _ in lane), serial=serial)
+                         accounts=tuple(v for v, _ in lane))
                for i, lane in enumerate(lanes)]
     planned += [Partition(index=len(lanes) + i, count=count, key=key, lower=lo, upper=hi, null_bucket=nb,
-                          expected_rows=rows, exclude=() if nb else excluded, serial=serial)
+                          expected_rows=rows, exclude=() if nb else excluded)
                 for i, (lo, hi, nb, rows) in enumerate(parts)]
     return planned
 
@@ -501,24 +501,23 @@ def discover(cfg: SyncConfig, datacloud: _DataCloud, salesforce: _Salesforce, *,
                               f"got {partition_key!r}"])
     warnings = validate(cfg, datacloud, salesforce)
     column = cfg.account_column if partition_key == "account" else cfg.key_column
-    serial = partition_key == "account"
     lanes: list[list[tuple[str, int]]] = []
     lane_unkeyed = 0
-    if serial:
+    if partition_key == "account":  # serial partitions: large Accounts get lanes (module docstring)
         lanes, lane_unkeyed, capacity, total = find_lanes(cfg, datacloud, column, partitions=partitions,
                                                           target_partition_rows=target_partition_rows)
         if lanes and target_partition_rows is None:
-            # The ranges share the rest at the lanes' size: every partition is about as long as the longest one
-            # has to be, so that all of them end together.
+            # Lanes count towards the partitions asked for, and no range is longer than the lanes' capacity, so
+            # that all partitions can end together.
             rest = total - sum(rows for lane in lanes for _, rows in lane)
-            partitions = max(1, -(-rest // capacity))
+            partitions = max(1, partitions - len(lanes), -(-rest // capacity))
     sql, parameters = boundary_query(dmo=cfg.dmo, partition_column=column, key_column=cfg.key_column,
                                      partitions=partitions, target_partition_rows=target_partition_rows,
                                      max_partitions=MAX_DATA_PARTITIONS - len(lanes),
                                      exclude=[value for lane in lanes for value, _ in lane])
     with datacloud.query(sql, parameters) as result:
         distribution = distribution_from_rows(result)
-    planned = plan_partitions(distribution, partition_key, lanes=lanes, serial=serial)
+    planned = plan_partitions(distribution, partition_key, lanes=lanes)
     # The totals verify reconciles against cover the lanes' rows too.
     lane_rows = sum(rows for lane in lanes for _, rows in lane)
     distribution = dataclasses.replace(distribution, total_rows=distribution.total_rows + lane_rows,

@@ -132,12 +132,15 @@ class AttemptEndGuard:
         manager.add_listener(_current)
         return _current
 
+    def reported_state(self) -> str | None:
+        """The state this process reported for the attempt."""
+        reported = getattr(self.ti, "state", None)
+        return None if reported is None else str(getattr(reported, "value", reported))
+
     def ended_elsewhere(self) -> str | None:
         """The state someone else gave this attempt, or ``None`` when it ended as this process reported."""
-        reported = getattr(self.ti, "state", None)
-        reported = None if reported is None else str(getattr(reported, "value", reported))
         state = server_state(self.ti)
-        if state in ENDED_STATES and state != reported:
+        if state in ENDED_STATES and state != self.reported_state():
             return state
         return None
 
@@ -146,6 +149,9 @@ class AttemptEndGuard:
         if self.fired:
             return {}
         self.fired = True
+        job_ids = self.open_job_ids()
+        if not job_ids:  # nothing to stop: no need to ask the server
+            return {}
         try:
             state = self.ended_elsewhere()
         except Exception as exc:  # the server cannot be asked: leave the jobs, a clear re-attaches to them
@@ -154,13 +160,9 @@ class AttemptEndGuard:
             return {}
         if state is None:
             return {}
-        job_ids = self.open_job_ids()
-        if not job_ids:
-            return {}
-        reported = getattr(self.ti, "state", None)
         self.log.warning("%s: the task instance was marked %s while this attempt was ending (it reported %s); "
                          "aborting its %d Bulk jobs still open at Salesforce: %s", self.label, state,
-                         getattr(reported, "value", reported), len(job_ids), ", ".join(job_ids[:20]))
+                         self.reported_state(), len(job_ids), ", ".join(job_ids[:20]))
         return dict(self.abort(job_ids) or {})
 
     def uninstall(self) -> None:
@@ -188,19 +190,15 @@ class AttemptEndGuard:
 # -- the API server's side --------------------------------------------------------------------------------------------
 def open_job_ids(ledger: Any) -> list[str]:
     """Jobs of a stored ledger value that may still be open or running at Salesforce."""
-    from sf_datacloud_sync.utils.ledger import LEDGER_VERSION, OPEN, RUNNING_STATES, UPLOADED
+    from sf_datacloud_sync.utils.ledger import LEDGER_VERSION, UNFINISHED_STATES, Ledger
 
     if not isinstance(ledger, Mapping) or ledger.get("version") != LEDGER_VERSION:
         return []
-    wanted = {OPEN, UPLOADED, *RUNNING_STATES}
-    return [j for j, e in (ledger.get("jobs") or {}).items() if isinstance(e, Mapping) and e.get("state") in wanted]
+    return Ledger(dict(ledger)).job_ids(UNFINISHED_STATES)
 
 
-def abort_ledger_jobs(ledger: Any, *, logger: Any = None) -> dict[str, str]:
-    """Abort the open jobs of a stored ledger value with the connection the partition used."""
-    job_ids = open_job_ids(ledger)
-    if not job_ids:
-        return {}
+def abort_ledger_jobs(ledger: Mapping[str, Any], job_ids: list[str], *, logger: Any = None) -> dict[str, str]:
+    """Abort ``job_ids`` (:func:`open_job_ids` of a stored ledger value) with the connection the partition used."""
     from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
 
     conn_id = ledger.get("conn_id")
@@ -262,7 +260,7 @@ class MarkedFailedListener:
                 return {}
             log.warning("%s %s[%d] was marked failed with %d Bulk jobs open; aborting them: %s", run_id, task_id,
                         map_index, len(job_ids), ", ".join(job_ids[:20]))
-            return abort_ledger_jobs(ledger, logger=log)
+            return abort_ledger_jobs(ledger, job_ids, logger=log)
         except Exception:
             log.exception("emergency stop: aborting the Bulk jobs of %s %s[%d] failed", run_id, task_id, map_index)
             return {}

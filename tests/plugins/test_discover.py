@@ -501,8 +501,8 @@ def test_lanes_and_ranges_cover_every_row_once(sizes: list[int], small: int, nul
 
 
 def test_lanes_count_towards_the_partitions_asked_for() -> None:
-    """2 Accounts over the threshold: 2 lanes, then ranges as long as the longest lane (60 rows) for the other 90
-    rows, which exclude them."""
+    """2 Accounts over the threshold: 2 lanes, which count towards the 5 partitions asked for; 3 ranges share the
+    other 90 rows and exclude them. With 2 asked for, the lanes' capacity is 90 rows and both share one."""
     rows = [(f"W{i:03d}", "WHALE") for i in range(60)] + [(f"V{i:03d}", "BIG") for i in range(30)]
     rows += [(f"S{i:03d}", f"SMALL-{i:02d}") for i in range(90)]
     conn = _sqlite(rows)
@@ -511,9 +511,12 @@ def test_lanes_count_towards_the_partitions_asked_for() -> None:
     parts = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
                      partitions=5).partitions
     assert [(p.accounts, p.expected_rows) for p in parts[:2]] == [(("WHALE",), 60), (("BIG",), 30)]
-    assert [p.expected_rows for p in parts[2:]] == [45, 45]
+    assert [p.expected_rows for p in parts[2:]] == [30, 30, 30]
     assert all(p.exclude == ("WHALE", "BIG") for p in parts[2:])
     assert parts[0].label == "P00 account WHALE" and parts[2].label.startswith("P02 [")
     by_key = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="external_id",
                       partitions=5).partitions
     assert not any(p.accounts or p.exclude or p.serial for p in by_key)
+    few = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
+                   partitions=2).partitions  # 90 rows per partition: both Accounts share one lane
+    assert [(p.accounts, p.expected_rows) for p in few] == [(("WHALE", "BIG"), 90), ((), 90)]

@@ -36,8 +36,8 @@ from sf_datacloud_sync.utils.ledger import (
     JOB_COMPLETE,
     MAX_JOB_IDS,
     OPEN,
-    RUNNING_STATES,
     TERMINAL_STATES,
+    UNFINISHED_STATES,
     UPLOAD_COMPLETE,
     UPLOADED,
     Ledger,
@@ -344,7 +344,7 @@ class _PartitionRun:
         try:
             for _ in range(3):
                 try:
-                    return self.ledger.job_ids({OPEN, UPLOADED, *RUNNING_STATES})
+                    return self.ledger.job_ids(UNFINISHED_STATES)
                 except RuntimeError:  # changed while read by the uploader thread
                     continue
             return []
@@ -365,7 +365,7 @@ class _PartitionRun:
         """A ledger written for other bounds (partitions were planned again): stop its jobs, start afresh."""
         self.log.warning("%s: the stored ledger belongs to %s (other bounds); starting a new one", self.label,
                          stale.data.get("label"))
-        for job_id in stale.job_ids({OPEN, UPLOADED, *RUNNING_STATES}):
+        for job_id in stale.job_ids(UNFINISHED_STATES):
             try:
                 self.op.bulk.abort_job(job_id)
             except Exception as exc:
@@ -446,7 +446,7 @@ class _PartitionRun:
         self.log.info("%s: streaming rows from Data Cloud %s (%d rows already at Salesforce)", self.label,
                       f"after key {after!r}" if after is not None else "from the start", base)
         source = SourceRows(self.op.datacloud, self.part, cfg, after=after, log=self.log)
-        bulk = LedgerBulk(self.op.bulk, self, round_=0, serial=self.part.serial)
+        bulk = LedgerBulk(self.op.bulk, self, round_=0)
         try:
             for _job in stream_rows_to_jobs(
                 bulk, source, object_name=cfg.target_object, external_id_field=cfg.external_id_field,
@@ -552,7 +552,7 @@ class _PartitionRun:
                     queued_look = min(queued_look * 1.25, SERIAL_MAX_QUEUED_LOOK_S)
                 self._pause(queued_look if may_overlap else interval)
                 interval = min(interval * 1.25, cfg.poll_max_interval_s)
-        self.save()
+        # Not saved here: the close that follows records the ledger with these states.
 
     def _pause(self, seconds: float) -> None:
         if seconds > 0 and self.killed.wait(seconds):
@@ -619,7 +619,7 @@ class _PartitionRun:
         retry = _RetryRows(self, parents, round_, skip)
         header = self.cfg.target_fields
         ext_pos = header.index(self.cfg.external_id_field)
-        bulk = LedgerBulk(self.op.bulk, self, round_=round_, serial=self.part.serial)
+        bulk = LedgerBulk(self.op.bulk, self, round_=round_)
         for _job in stream_rows_to_jobs(
             bulk, retry, object_name=self.cfg.target_object, external_id_field=self.cfg.external_id_field,
             header=header, column_types=None, key_func=lambda row: [row[ext_pos]],
@@ -885,15 +885,14 @@ class LedgerBulk:
     ``submit_ingest_job`` is create → ledger ``Open`` (with the chunk's row count and first/last key, which
     the transfer hands over through ``on_created``: pass ``on_job_created=ledger_bulk.job_created``) → upload →
     ledger ``Uploaded`` (the rows now count, the committed key moves) → close → ledger ``UploadComplete``. It runs
-    in the transfer's uploader thread; the ledger is shared under a lock. ``serial``: the close waits until the
-    jobs closed before have processed all their rows (:meth:`_PartitionRun.wait_turn`).
+    in the transfer's uploader thread; the ledger is shared under a lock. For a serial partition the close waits
+    for its turn (:meth:`_PartitionRun.wait_turn`).
     """
 
-    def __init__(self, hook: SalesforceBulk2Hook, run: _PartitionRun, *, round_: int, serial: bool = False) -> None:
+    def __init__(self, hook: SalesforceBulk2Hook, run: _PartitionRun, *, round_: int) -> None:
         self.hook = hook
         self.run = run
         self.round = round_
-        self.serial = serial
         self.max_upload_bytes = hook.max_upload_bytes
 
     def job_created(self, job: SubmittedJob) -> None:
@@ -928,7 +927,7 @@ class LedgerBulk:
                 run.log.warning("%s: could not abort job %s after its upload failed: %s", run.label, job_id, exc)
             raise
         run.record(lambda led: led.job_uploaded(job_id))
-        if self.serial:
+        if run.part.serial:
             run.wait_turn()
         info = self.hook.close_job(job_id)  # if this fails the job stays Uploaded; the next attempt closes it
         run.closed_at[job_id] = time.monotonic()

@@ -330,21 +330,21 @@ class _ChunkBuilder:
 
 def _extend_equal_keys(chunk: _ChunkBuilder, source: Iterator[Sequence[Any]], encoder: CsvEncoder,
                        key_func: Callable[[Sequence[Any]], Any], max_records: int,
-                       max_bytes: int) -> Iterator[Sequence[Any]]:
+                       max_bytes: int) -> list[Sequence[Any]]:
     """Add the rows that share the full chunk's last key, so that no chunk ends inside a run of equal keys.
 
     A resume continues "after the last key" of the last uploaded chunk: a run of equal keys (duplicate external
     ids, NULL keys of one Account) cut in two would lose its second half. A run longer than another
     ``max_records`` rows, or one that would pass ``max_bytes``, is still cut (the chunk must stay bounded).
-    :return: the source, with the first row of the next key put back in front.
+    :return: the row read past the run (the next chunk's first), if any.
     """
     for row in source:
         key = key_func(row)
         line = encoder.encode_rows([row]) if key == chunk.last_key else b""
         if not line or chunk.records >= 2 * max_records or chunk.nbytes + len(line) > max_bytes:
-            return itertools.chain([row], source)
+            return [row]
         chunk.add(line, 1, key, key)
-    return source
+    return []
 
 
 def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_records: int, max_bytes: int,
@@ -383,8 +383,10 @@ def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_record
         key_func = (lambda row: row[key_index]) if key_index is not None else (lambda row: None)
     chunk = _ChunkBuilder(encoder.header_bytes, spool_threshold)
     source = iter(rows)
+    pending: list[Sequence[Any]] = []  # a row read ahead by _extend_equal_keys (never a chain of iterators)
     while True:
-        batch = list(itertools.islice(source, min(batch_rows, max_records - chunk.records)))
+        batch = pending + list(itertools.islice(source, min(batch_rows, max_records - chunk.records) - len(pending)))
+        pending = []
         if not batch:
             break
         data = encoder.encode_rows(batch)
@@ -403,7 +405,7 @@ def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_record
                 chunk.add(line, 1, key, key)
         if chunk.records >= max_records:
             if keyed:
-                source = _extend_equal_keys(chunk, source, encoder, key_func, max_records, max_bytes)
+                pending = _extend_equal_keys(chunk, source, encoder, key_func, max_records, max_bytes)
             yield chunk.take()
     if chunk.records:
         yield chunk.take()

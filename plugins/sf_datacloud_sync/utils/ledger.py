@@ -57,6 +57,8 @@ ABORTED = "Aborted"
 TERMINAL_STATES = frozenset({JOB_COMPLETE, FAILED, ABORTED})
 # Closed at Salesforce: nothing more to upload, the job runs (or waits in Salesforce's queue) by itself.
 RUNNING_STATES = frozenset({UPLOAD_COMPLETE, IN_PROGRESS})
+# Not finished at Salesforce: what a stop has to abort.
+UNFINISHED_STATES = frozenset({OPEN, UPLOADED, *RUNNING_STATES})
 
 
 class StateStore(Protocol):

@@ -18,9 +18,7 @@ class Partition:
     """Rows whose partition column is in ``[lower, upper)``; ``None`` bounds are open; ``null_bucket`` is IS NULL.
 
     ``accounts`` (a lane): exactly the rows whose partition column is one of these values (bounds unused).
-    ``exclude``: values inside ``[lower, upper)`` that belong to lanes. ``serial``: load one Bulk job at a time, each
-    at most one internal batch (see ``LoadPartitionOperator``), so that no two batches of the partition ever run at
-    once.
+    ``exclude``: values inside ``[lower, upper)`` that belong to lanes.
     """
 
     index: int
@@ -32,7 +30,12 @@ class Partition:
     expected_rows: int = 0
     accounts: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    serial: bool = False
+
+    @property
+    def serial(self) -> bool:
+        """Loaded one Bulk job of at most one internal batch at a time (see ``LoadPartitionOperator``), so that no
+        two batches of an Account partition ever run at once."""
+        return self.key == "account"
 
     @property
     def label(self) -> str:
@@ -55,7 +58,7 @@ class Partition:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Partition:
         fields: dict[str, Any] = {k: data[k] for k in ("index", "count", "key", "lower", "upper", "null_bucket",
-                                                        "expected_rows", "serial") if k in data}
+                                                        "expected_rows") if k in data}
         for name in ("accounts", "exclude"):
             if data.get(name):
                 fields[name] = tuple(data[name])

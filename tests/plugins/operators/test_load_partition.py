@@ -261,7 +261,7 @@ def test_serial_lane_keeps_one_job_at_a_time(sync_env, monkeypatch, early_close)
     total = sum(n for _, n in accounts)
     assert total > 80  # several jobs
     lane = Partition(index=0, count=4, key="account", lower=None, upper=None, expected_rows=total,
-                     accounts=tuple(a for a, _ in accounts), serial=True)
+                     accounts=tuple(a for a, _ in accounts))
     records: dict[str, int] = {}
     closed: list[str] = []
     overlaps: list[tuple[str, dict[str, Any]]] = []
