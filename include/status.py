@@ -182,10 +182,11 @@ def _range(p: Mapping[str, Any] | None) -> str:
         return ""
     if p.get("null_bucket"):
         return "NULL"
-    if p.get("accounts"):
-        return f"{len(p['accounts'])} accounts from {str(p['accounts'][0])[:18]}"
     lo = "−∞" if p.get("lower") is None else str(p["lower"])
     hi = "+∞" if p.get("upper") is None else str(p["upper"])
+    if p.get("accounts"):
+        lane = f"{len(p['accounts'])} accounts from {str(p['accounts'][0])[:18]}"
+        return lane + (f" + [{lo[:18]}, {hi[:18]})" if p.get("with_range") else "")
     return f"[{lo[:18]}, {hi[:18]})"
 
 

@@ -16,11 +16,15 @@ With ``partition_key=account`` every partition is loaded *serially* (one Bulk jo
 time), so no two batches that touch the same Account ever run at once, and the partitions are the org's parallel
 lanes. Accounts too large for one batch (Salesforce's data-skew case) would make their range far longer than the
 others; :func:`heavy_values_query` finds them and :func:`plan_lanes` packs them, largest first, into lanes of their
-own no longer than the run's average partition (or the largest Account), which the ranges then exclude.
+own no longer than the run's average partition (or the largest Account), which the ranges then exclude. Each
+serial partition ends with a partial batch unless its rows are whole batches, so :func:`plan_serial` tops every
+lane up with a range of small Accounts and cuts the ranges at whole batches (the boundary query then returns
+candidates at a finer resolution): the run needs about as many Bulk batches as the object has rows / 10,000.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +44,8 @@ PARTITION_KEY_CHOICES = ("account", "external_id")
 #: Most Accounts given lanes of their own (each is a query parameter of every range); larger ones beyond it stay in
 #: their ranges, still loaded serially.
 MAX_LANE_ACCOUNTS = 200
+#: Most cut candidates the boundary query returns when asked for a finer resolution (:func:`plan_serial`).
+MAX_CANDIDATES = 4096
 
 
 class DiscoveryError(ValueError):
@@ -203,6 +209,92 @@ def plan_partitions(distribution: KeyDistribution, key: str, *,
     return planned
 
 
+def known_cuts(candidates: Sequence[Candidate]) -> dict[int, str]:
+    """Where a value is known to start: non-NULL rows before it -> the value (from the boundary query's candidates,
+    which give the values just before and just after each crossing)."""
+    cuts: dict[int, str] = {}
+    for c in candidates:
+        if c.rows_before > 0:
+            cuts.setdefault(c.rows_before, c.value)
+        if c.next_value is not None:
+            cuts.setdefault(c.rows_before + c.rows, c.next_value)
+    return dict(sorted(cuts.items()))
+
+
+def plan_serial(distribution: KeyDistribution, key: str, *, lanes: Sequence[Sequence[tuple[str, int]]],
+                partitions: int, batch_rows: int) -> list[Partition] | None:
+    """Serial partitions whose sizes are whole batches: lanes, topped up, then ranges, plus the NULL bucket.
+
+    A serial partition sends jobs of ``batch_rows`` rows, so each one ends with a partial batch unless its rows are a
+    multiple of ``batch_rows``; with ``n`` partitions that is up to ``n`` batches more than the object needs (each a
+    thread-slot of the org's time). Here every partition gets a whole number of batches: each lane is topped up to
+    ``level`` batches (the largest lane's, or the average partition's if more) with a range of small values (cut
+    where a value starts), and the remaining ranges are cut at the value start nearest below whole batches, so only
+    the last range and the NULL bucket end partially. ``distribution`` describes the rows outside the lanes, with
+    candidates at a fine resolution (``boundary_query(resolution_rows=...)``).
+
+    :return: the plan, or ``None`` when there are fewer batches than partitions (an even split then keeps more
+        partitions busy).
+    """
+    rest = distribution.non_null_rows
+    loads = [sum(rows for _, rows in lane) for lane in lanes]
+    ranges = max(1, partitions - len(lanes)) if rest else 0
+    batches = -(-(rest + sum(loads)) // batch_rows)
+    if not batches or batches < len(lanes) + ranges:
+        return None
+    level = max([-(-load // batch_rows) for load in loads] + [-(-batches // (len(lanes) + ranges))])
+    cuts = known_cuts(distribution.candidates)
+    positions = list(cuts)
+
+    def cut_at_most(start: int, end: int) -> int:
+        """The last value start in ``(start, end]`` (``rest`` if ``end`` reaches it); ``start`` if there is none."""
+        if end >= rest:
+            return rest
+        i = bisect.bisect_right(positions, end) - 1
+        return positions[i] if i >= 0 and positions[i] > start else start
+
+    def bound(position: int) -> str | None:
+        return None if position in (0, rest) else cuts[position]
+
+    excluded = tuple(value for lane in lanes for value, _ in lane)
+    start = 0
+    planned: list[Partition] = []
+
+    def top_up(load: int) -> int:
+        """Where the range that fills a lane of ``load`` rows up to ``level`` batches from ``start`` ends."""
+        return cut_at_most(start, start + level * batch_rows - load) if start < rest else start
+
+    waiting = list(zip(lanes, loads, strict=True))
+    while waiting:
+        # Next, the lane whose top-up from here comes closest to whole batches (values start where they start).
+        lane, load = waiting.pop(min(range(len(waiting)), key=lambda k: level * batch_rows - waiting[k][1]
+                                     - (top_up(waiting[k][1]) - start)))
+        end = top_up(load)
+        topped_up = end > start
+        planned.append(Partition(index=0, count=0, key=key, lower=bound(start) if topped_up else None,
+                                 upper=bound(end) if topped_up else None, expected_rows=load + end - start,
+                                 accounts=tuple(v for v, _ in lane), exclude=excluded if topped_up else (),
+                                 with_range=topped_up))
+        start = end
+    planned.sort(key=lambda p: -p.expected_rows)  # stable: the largest lanes still start first
+    while start < rest and ranges:
+        if ranges == 1:
+            end = rest
+        else:
+            batches_left = -(-(rest - start) // batch_rows)
+            share = -(-batches_left // ranges)  # the first ranges take the odd batches, the last one less
+            end = cut_at_most(start, start + share * batch_rows)
+            if end == start:  # no value starts within: the next one that does
+                end = next((p for p in positions if p > start), rest)
+        planned.append(Partition(index=0, count=0, key=key, lower=bound(start), upper=bound(end),
+                                 expected_rows=end - start, exclude=excluded))
+        start, ranges = end, ranges - 1
+    if distribution.null_rows > 0:
+        planned.append(Partition(index=0, count=0, key=key, lower=None, upper=None, null_bucket=True,
+                                 expected_rows=distribution.null_rows))
+    return [dataclasses.replace(p, index=i, count=len(planned)) for i, p in enumerate(planned)]
+
+
 # -- the boundary query ----------------------------------------------------------------------------------------
 
 _DISTRIBUTION_COLUMNS = ("part_key", "rows", "next_key", "rows_before", "total_rows", "null_rows", "unkeyed_rows",
@@ -211,7 +303,7 @@ _DISTRIBUTION_COLUMNS = ("part_key", "rows", "next_key", "rows_before", "total_r
 
 def boundary_query(*, dmo: str, partition_column: str, key_column: str, partitions: int,
                    target_partition_rows: int | None = None, max_partitions: int = MAX_DATA_PARTITIONS,
-                   exclude: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
+                   exclude: Sequence[str] = (), resolution_rows: int | None = None) -> tuple[str, dict[str, Any]]:
     """SQL (and its parameters) returning the cut candidates and the totals in a single pass.
 
     Only validated identifiers and validated integers appear in the text; the one value compared against data
@@ -219,8 +311,11 @@ def boundary_query(*, dmo: str, partition_column: str, key_column: str, partitio
     SQLite alike for integers, and every operand is non-negative, so it is a floor. ``SUM`` of a ``bigint`` is a
     ``numeric`` in PostgreSQL/Hyper, hence the casts: with fractional division the filter would pass every row.
     ``exclude``: partition-column values left out (they have lanes of their own), passed as parameters.
+    ``resolution_rows``: also return the values at every ``resolution_rows``-th row or so (a whole multiple of
+    ``parts`` crossings, at most :data:`MAX_CANDIDATES`), so that :func:`plan_serial` can cut near any position.
     """
-    for name, number in (("partitions", partitions), ("max_partitions", max_partitions)):
+    for name, number in (("partitions", partitions), ("max_partitions", max_partitions),
+                         ("resolution_rows", 1 if resolution_rows is None else resolution_rows)):
         if not isinstance(number, int) or isinstance(number, bool) or number < 1:
             raise ValueError(f"{name} must be a positive integer, got {number!r}")
     if target_partition_rows is not None and (not isinstance(target_partition_rows, int)
@@ -234,6 +329,12 @@ def boundary_query(*, dmo: str, partition_column: str, key_column: str, partitio
         parts = f"CASE WHEN {wanted} < 1 THEN 1 WHEN {wanted} > {max_partitions} THEN {max_partitions} ELSE {wanted} END"
     else:
         parts = str(min(partitions, max_partitions))
+    grid = '"parts"'
+    if resolution_rows:
+        # Crossings of (parts * m) equal slices, m >= 1: the plain cut targets stay among them.
+        wanted = f'(({non_null} + "parts" * {resolution_rows} - 1) / ("parts" * {resolution_rows}))'
+        most = f'({MAX_CANDIDATES} / "parts")'
+        grid = f'("parts" * CASE WHEN {wanted} > {most} THEN {most} WHEN {wanted} < 1 THEN 1 ELSE {wanted} END)'
     not_null_rows = 'CASE WHEN "part_key" IS NULL THEN 0 ELSE "rows" END'
     params: dict[str, Any] = {"blank": ""}
     where = f" WHERE {col} IS NULL OR {col} NOT IN ({value_list('lane', exclude, params)})" if exclude else ""
@@ -253,8 +354,8 @@ def boundary_query(*, dmo: str, partition_column: str, key_column: str, partitio
         f') "w"'
         f') "p" '
         f'WHERE "part_key" IS NULL OR "rows_before" = 0 '
-        f'OR ("rows_before" + "rows") * "parts" / NULLIF({non_null}, 0) '
-        f'<> "rows_before" * "parts" / NULLIF({non_null}, 0) '
+        f'OR ("rows_before" + "rows") * {grid} / NULLIF({non_null}, 0) '
+        f'<> "rows_before" * {grid} / NULLIF({non_null}, 0) '
         f'ORDER BY "rows_before"'
     )
     return sql, params
@@ -500,6 +601,7 @@ def discover(cfg: SyncConfig, datacloud: _DataCloud, salesforce: _Salesforce, *,
         raise DiscoveryError([f"params.partition_key: must be one of {', '.join(PARTITION_KEY_CHOICES)}, "
                               f"got {partition_key!r}"])
     warnings = validate(cfg, datacloud, salesforce)
+    requested = partitions
     column = cfg.account_column if partition_key == "account" else cfg.key_column
     lanes: list[list[tuple[str, int]]] = []
     lane_unkeyed = 0
@@ -511,15 +613,23 @@ def discover(cfg: SyncConfig, datacloud: _DataCloud, salesforce: _Salesforce, *,
             # that all partitions can end together.
             rest = total - sum(rows for lane in lanes for _, rows in lane)
             partitions = max(1, partitions - len(lanes), -(-rest // capacity))
+    batch_rows = cfg.load.serial_job_records
     sql, parameters = boundary_query(dmo=cfg.dmo, partition_column=column, key_column=cfg.key_column,
                                      partitions=partitions, target_partition_rows=target_partition_rows,
                                      max_partitions=MAX_DATA_PARTITIONS - len(lanes),
-                                     exclude=[value for lane in lanes for value, _ in lane])
+                                     exclude=[value for lane in lanes for value, _ in lane],
+                                     resolution_rows=max(1, batch_rows // 10) if partition_key == "account" else None)
     with datacloud.query(sql, parameters) as result:
         distribution = distribution_from_rows(result)
-    planned = plan_partitions(distribution, partition_key, lanes=lanes)
-    # The totals verify reconciles against cover the lanes' rows too.
     lane_rows = sum(rows for lane in lanes for _, rows in lane)
+    planned = None
+    if partition_key == "account":  # whole batches per partition (plan_serial)
+        wanted = partition_target(distribution.non_null_rows + lane_rows, requested, target_partition_rows,
+                                  MAX_DATA_PARTITIONS - 1)
+        planned = plan_serial(distribution, partition_key, lanes=lanes, partitions=wanted, batch_rows=batch_rows)
+    if planned is None:
+        planned = plan_partitions(distribution, partition_key, lanes=lanes)
+    # The totals verify reconciles against cover the lanes' rows too.
     distribution = dataclasses.replace(distribution, total_rows=distribution.total_rows + lane_rows,
                                        unkeyed_rows=distribution.unkeyed_rows + lane_unkeyed,
                                        distinct_values=distribution.distinct_values + sum(map(len, lanes)))

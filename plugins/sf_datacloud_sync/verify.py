@@ -51,11 +51,12 @@ def _partition_of(item: Mapping[str, Any]) -> Mapping[str, Any]:
 def _range_text(p: Mapping[str, Any]) -> str:
     if p.get("null_bucket"):
         return f"{p.get('key', '')} IS NULL"
-    if p.get("accounts"):
-        accounts = list(p["accounts"])
-        return f"{p.get('key', '')} IN ({', '.join(map(repr, accounts[:3]))}{', ...' if len(accounts) > 3 else ''})"
     lo = "-inf" if p.get("lower") is None else repr(p["lower"])
     hi = "+inf" if p.get("upper") is None else repr(p["upper"])
+    if p.get("accounts"):
+        accounts = list(p["accounts"])
+        lane = f"{p.get('key', '')} IN ({', '.join(map(repr, accounts[:3]))}{', ...' if len(accounts) > 3 else ''})"
+        return lane + (f" or [{lo}, {hi})" if p.get("with_range") else "")
     return f"[{lo}, {hi})"
 
 

@@ -500,23 +500,72 @@ def test_lanes_and_ranges_cover_every_row_once(sizes: list[int], small: int, nul
     assert max(seen.values(), default=1) == 1
 
 
-def test_lanes_count_towards_the_partitions_asked_for() -> None:
-    """2 Accounts over the threshold: 2 lanes, which count towards the 5 partitions asked for; 3 ranges share the
-    other 90 rows and exclude them. With 2 asked for, the lanes' capacity is 90 rows and both share one."""
+def _lane_rows() -> sqlite3.Connection:
     rows = [(f"W{i:03d}", "WHALE") for i in range(60)] + [(f"V{i:03d}", "BIG") for i in range(30)]
     rows += [(f"S{i:03d}", f"SMALL-{i:02d}") for i in range(90)]
     conn = _sqlite(rows)
     conn.execute(f'ALTER TABLE "{DMO}" ADD COLUMN "StageName__c" TEXT')
     conn.execute(f'ALTER TABLE "{DMO}" ADD COLUMN "CloseDate__c" TEXT')
+    return conn
+
+
+def test_lanes_count_towards_the_partitions_and_are_topped_up_to_whole_batches() -> None:
+    """2 Accounts over the 10-row batch: 2 lanes, which count towards the 5 partitions asked for. 18 batches over 5
+    partitions, the WHALE's 6 the most: BIG's lane takes 30 small rows to make 6 whole batches too, and 3 ranges
+    share the other 60 rows. Every partition is whole batches: 18 in all, the object's minimum."""
+    conn = _lane_rows()
     parts = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
                      partitions=5).partitions
-    assert [(p.accounts, p.expected_rows) for p in parts[:2]] == [(("WHALE",), 60), (("BIG",), 30)]
-    assert [p.expected_rows for p in parts[2:]] == [30, 30, 30]
-    assert all(p.exclude == ("WHALE", "BIG") for p in parts[2:])
-    assert parts[0].label == "P00 account WHALE" and parts[2].label.startswith("P02 [")
+    assert [(p.label, p.expected_rows) for p in parts] == [
+        ("P00 account WHALE", 60), ("P01 account BIG & [−∞, SMALL-30)", 60), ("P02 [SMALL-30, SMALL-50)", 20),
+        ("P03 [SMALL-50, SMALL-70)", 20), ("P04 [SMALL-70, +∞)", 20)]
+    assert parts[0].exclude == () and not parts[0].with_range
+    assert all(p.exclude == ("WHALE", "BIG") for p in parts[1:])
     by_key = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="external_id",
                       partitions=5).partitions
-    assert not any(p.accounts or p.exclude or p.serial for p in by_key)
+    assert not any(p.accounts or p.exclude or p.serial or p.with_range for p in by_key)
     few = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
                    partitions=2).partitions  # 90 rows per partition: both Accounts share one lane
     assert [(p.accounts, p.expected_rows) for p in few] == [(("WHALE", "BIG"), 90), ((), 90)]
+
+
+def test_fewer_batches_than_partitions_split_evenly() -> None:
+    """8 batches of 25 rows for 10 partitions: whole batches would leave partitions idle, so the ranges share the
+    rows evenly (the lanes as they are) and every partition asked for gets work."""
+    parts = discover(_lane_config(25), FakeDataCloud(_lane_rows()), FakeSalesforce(), partition_key="account",
+                     partitions=10).partitions
+    assert [(p.accounts, p.expected_rows) for p in parts[:2]] == [(("WHALE",), 60), (("BIG",), 30)]
+    assert [p.expected_rows for p in parts[2:]] == [11, 11, 12, 11, 11, 11, 12, 11]
+    assert not any(p.with_range for p in parts)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(heavy=st.lists(st.integers(21, 90), max_size=6), small=st.lists(st.integers(1, 2), min_size=20, max_size=300),
+       nulls=st.integers(0, 3), n=st.integers(1, 12))
+def test_serial_plan_uses_the_fewest_batches(heavy: list[int], small: list[int], nulls: int, n: int) -> None:
+    """With a 20-row batch and small Accounts of 1-2 rows (enough to top the lanes up), every partition but the last
+    ends within one row of whole batches, so the plan needs at most 2 batches more than the object itself (plus the
+    NULL bucket's), and no partition needs more than one batch over the lanes' capacity."""
+    batch = 20
+    rows: list[tuple[str | None, str | None]] = []
+    for a, size in enumerate(heavy):
+        rows += [(f"H{a}-{i}", f"ACC-{a * 37 % 101:03d}'") for i in range(size)]
+    for a, size in enumerate(small):
+        rows += [(f"S{a}-{i}", f"ACC-{a:03d}") for i in range(size)]
+    rows += [(f"N{i}", None) for i in range(nulls)]
+    conn = _sqlite(rows)
+    conn.execute(f'ALTER TABLE "{DMO}" ADD COLUMN "StageName__c" TEXT')
+    conn.execute(f'ALTER TABLE "{DMO}" ADD COLUMN "CloseDate__c" TEXT')
+    parts = discover(_lane_config(batch), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
+                     partitions=n).partitions
+    data = [p for p in parts if not p.null_bucket]
+    keyed = len(rows) - nulls
+    minimum = -(-keyed // batch)
+    lanes = sum(1 for p in data if p.accounts)
+    assume(minimum >= max(n, lanes + 1))  # otherwise the even split applies (test above)
+    assume(sum(small) >= batch * len(heavy))  # enough small rows to top every lane up
+    batches = [-(-p.expected_rows // batch) for p in data]
+    assert sum(batches) <= minimum + 2, [(p.label, p.expected_rows) for p in data]
+    capacity = max([-(-keyed // n), *heavy])  # what the lanes are packed to
+    assert max(batches) <= -(-capacity // batch) + 1
+    assert sum(p.expected_rows for p in parts) == len(rows)

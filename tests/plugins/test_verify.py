@@ -167,3 +167,19 @@ def test_run_verify_dry_run_single_partition_summary_as_a_dict() -> None:
                  ("load_partition", "return_value"): summary(0, upserted=0, dry_run=True)})
     out = run_verify({"dry_run": True, "tolerance": 0}, ti)
     assert out["ok"] and out["dry_run"] and out["reported"] == 1
+
+
+def test_table_names_what_each_lane_holds() -> None:
+    """A lane lists its Accounts, plus the key range it was topped up with; a plain range its bounds."""
+    parts = [Partition(index=0, count=3, key="account", lower=None, upper=None, expected_rows=100,
+                       accounts=("WHALE",)),
+             Partition(index=1, count=3, key="account", lower=None, upper="ACC-5", expected_rows=100,
+                       accounts=("BIG", "BIGGER"), exclude=("WHALE", "BIG", "BIGGER"), with_range=True),
+             Partition(index=2, count=3, key="account", lower="ACC-5", upper=None, expected_rows=100,
+                       exclude=("WHALE", "BIG", "BIGGER"))]
+    plan = {**PLAN, "key": "account", "total_rows": 300, "null_rows": 0, "unkeyed_rows": 0, "keyed_rows": 300}
+    result = reconcile([{"partition": p.to_dict()} for p in parts], [summary(i) for i in range(3)], plan,
+                       salesforce_count=300)
+    assert result.ok, result.problems
+    assert [r["range"] for r in result.rows] == [
+        "account IN ('WHALE')", "account IN ('BIG', 'BIGGER') or [-inf, 'ACC-5')", "['ACC-5', +inf)"]

@@ -43,6 +43,7 @@ from sf_datacloud_sync.utils.ledger import (
     Ledger,
 )
 from sf_datacloud_sync.utils.partitions import Partition, order_columns, range_query
+from sf_datacloud_sync.utils.progress import seconds_left
 
 if TYPE_CHECKING:
     from sf_datacloud_sync.config import SyncConfig
@@ -60,6 +61,7 @@ MAX_BACKOFF_S = 300.0
 MAX_QUERY_RESUMES = 5
 SERIAL_FIRST_POLL = 0.8  # serial partitions: first poll at this share of the last job's close-to-done time
 SERIAL_MIN_POLL_S = 0.2
+SERIAL_LEFT_SHARE = 0.9  # serial partitions: next look at this share of the time the processing rate says is left
 # Serial partitions overlap two jobs only where a batch takes this long at the org (a real org: ~36 s per 10,000
 # rows); where batches are quick, the dequeue delay is not worth hiding.
 EARLY_CLOSE_MIN_ACTIVE_S = 10.0
@@ -229,7 +231,9 @@ class LoadPartitionOperator(BaseOperator):
             if running:
                 run.ledger.phase = "waiting"
                 run.progress()
-                if self.deferrable and cfg.wait_before_defer_s > 0 and not run.wait_here(
+                # A serial partition knows its jobs take longer than that: defer at once.
+                quick = not (run.part.serial and run.serial_took_s > cfg.wait_before_defer_s)
+                if self.deferrable and cfg.wait_before_defer_s > 0 and quick and not run.wait_here(
                         running, timeout=cfg.wait_before_defer_s, poll_interval=1.5):
                     # Finished within seconds (small jobs, a quick org): a deferral would cost the triggerer round
                     # trip, min_defer_s and a new task process, and more polls than this.
@@ -506,53 +510,92 @@ class _PartitionRun:
         first saw it InProgress (it started before that poll; the dequeue delay is the shortest close-to-InProgress
         seen). A job still queued is waited for. One InProgress whose batch still waits for an org thread can overlap
         the next; two batches of one Account then take turns per 200-row transaction, with lock waits far below
-        Salesforce's 10 s timeout, and never more than two.
+        Salesforce's 10 s timeout, and never more than two. The partition's first job gives both figures early when
+        the org counts its rows up as it goes: its rate over half its rows, and its own close-to-InProgress.
+
+        The newest job is watched first and the older ones are asked only then, right before the close: by that
+        time they have long finished, so one look each both proves it and reads their final state (asked before
+        the newest, the previous job was usually a second from its end: two or three looks).
         """
-        cfg = self.cfg.load
         running = self.ledger.running_job_ids()
-        for job_id in running:
-            records = int(self.ledger.jobs[job_id]["records"])
-            newest = job_id == running[-1]
-            closed = self.closed_at.get(job_id) if newest else None  # older ones are (nearly) done: just ask
-            took, active = self.serial_took_s, self.serial_active_per_record * records
-            may_overlap = closed is not None and active >= EARLY_CLOSE_MIN_ACTIVE_S
-            if may_overlap:  # look when it should have left the queue; now and then earlier, to see it shrink
-                self.serial_looks += 1
-                share = 0.5 if self.serial_looks % SERIAL_PROBE_EVERY == 0 else 1.0
-                self._pause(closed + share * (self.serial_dequeue_s or 0.0) + SERIAL_MIN_POLL_S - time.monotonic())
-            elif closed is not None and took:
-                self._pause(closed + SERIAL_FIRST_POLL * took - time.monotonic())
-            interval = max(SERIAL_MIN_POLL_S, min(cfg.poll_interval_s, took / 40)) if took else SERIAL_MIN_POLL_S
-            deadline = time.monotonic() + cfg.job_timeout_s
-            queued_look = SERIAL_MIN_POLL_S
-            while True:
-                info = self.op.bulk.get_job(job_id)
-                now = time.monotonic()
-                with self.lock:
-                    self.ledger.job_status(job_id, info)
-                state = info.get("state")
-                if state in TERMINAL_STATES or int(info.get("numberRecordsProcessed") or 0) >= records:
-                    if closed is not None:
-                        self.serial_took_s = now - closed
-                        processed = max(1, int(info.get("numberRecordsProcessed") or 0))
-                        self.serial_active_per_record = float(info.get("apiActiveProcessingTime") or 0) / 1000 / processed
-                    break
-                if state == IN_PROGRESS and may_overlap:
-                    # It left the queue before this poll: the dequeue delay is at most ``now - closed``, and the job
-                    # ends before now + active; the next one, closed a dequeue delay before that, cannot start
-                    # earlier.
-                    seen = now - closed
-                    self.serial_dequeue_s = seen if self.serial_dequeue_s is None else min(self.serial_dequeue_s, seen)
-                    self._pause(now + active - self.serial_dequeue_s - time.monotonic())
-                    break
-                if now > deadline:
-                    raise AirflowException(f"{self.label}: Bulk job {job_id} STILL RUNNING at Salesforce after "
-                                           f"{cfg.job_timeout_s:.0f}s (not failed); a retry re-attaches to it")
-                if may_overlap:  # watching for the start: short looks, then longer (a 30 s dequeue costs ~12)
-                    queued_look = min(queued_look * 1.25, SERIAL_MAX_QUEUED_LOOK_S)
-                self._pause(queued_look if may_overlap else interval)
-                interval = min(interval * 1.25, cfg.poll_max_interval_s)
+        if running:
+            self._watch_job(running[-1], closed=self.closed_at.get(running[-1]))
+        for job_id in running[:-1]:
+            self._watch_job(job_id, closed=None)
         # Not saved here: the close that follows records the ledger with these states.
+
+    def _watch_job(self, job_id: str, *, closed: float | None) -> None:
+        """Poll one job until it has processed all its rows, or (``closed``: when this attempt closed the newest
+        job) until the next one may be closed early (see :meth:`wait_turn`)."""
+        cfg = self.cfg.load
+        records = int(self.ledger.jobs[job_id]["records"])
+        took, active = self.serial_took_s, self.serial_active_per_record * records
+        may_overlap = closed is not None and active >= EARLY_CLOSE_MIN_ACTIVE_S
+        if may_overlap:  # look when it should have left the queue; now and then earlier, to see it shrink
+            self.serial_looks += 1
+            share = 0.5 if self.serial_looks % SERIAL_PROBE_EVERY == 0 else 1.0
+            self._pause(closed + share * (self.serial_dequeue_s or 0.0) + SERIAL_MIN_POLL_S - time.monotonic())
+        elif closed is not None and took:
+            self._pause(closed + SERIAL_FIRST_POLL * took - time.monotonic())
+        interval = max(SERIAL_MIN_POLL_S, min(cfg.poll_interval_s, took / 40)) if took else SERIAL_MIN_POLL_S
+        deadline = time.monotonic() + cfg.job_timeout_s
+        queued_look = SERIAL_MIN_POLL_S
+        first_progress: tuple[float, int] | None = None
+        started: float | None = None  # when a look first saw it InProgress
+        while True:
+            info = self.op.bulk.get_job(job_id)
+            now = time.monotonic()
+            with self.lock:
+                self.ledger.job_status(job_id, info)
+            state = info.get("state")
+            processed = int(info.get("numberRecordsProcessed") or 0)
+            if state in TERMINAL_STATES or processed >= records:
+                if closed is not None:
+                    self.serial_took_s = now - closed
+                    self.serial_active_per_record = float(info.get("apiActiveProcessingTime") or 0) / 1000 \
+                        / max(1, processed)
+                return
+            if state == IN_PROGRESS and may_overlap:
+                # It left the queue before this poll: the dequeue delay is at most ``now - closed``, and the job
+                # ends before now + active; the next one, closed a dequeue delay before that, cannot start earlier.
+                seen = now - closed
+                self.serial_dequeue_s = seen if self.serial_dequeue_s is None else min(self.serial_dequeue_s, seen)
+                self._pause(now + active - self.serial_dequeue_s - time.monotonic())
+                return
+            if now > deadline:
+                raise AirflowException(f"{self.label}: Bulk job {job_id} STILL RUNNING at Salesforce after "
+                                       f"{cfg.job_timeout_s:.0f}s (not failed); a retry re-attaches to it")
+            if may_overlap or (closed is not None and state != IN_PROGRESS):
+                # Watching for the start: short looks, then longer (a 30 s dequeue costs ~12); at most
+                # SERIAL_MAX_QUEUED_LOOK_S late, so the dequeue delay measured from it is never much too long.
+                queued_look = min(queued_look * 1.25, SERIAL_MAX_QUEUED_LOOK_S)
+                self._pause(queued_look)
+                continue
+            if closed is not None and started is None:
+                started = now
+            if processed and first_progress is None:
+                first_progress = (now, processed)
+            left = seconds_left(first_progress, now, processed, records) if first_progress else None
+            if left is not None and started is not None and not took \
+                    and 2 * (processed - first_progress[1]) >= records:
+                # The partition's first job, counting its rows up: its rate over half the job or more tells how
+                # long a batch takes, and its own close-to-InProgress the dequeue delay, so the second job can be
+                # closed early too. (An org that counts only whole batches shows no rate: the job is waited for.)
+                per_record = (now - first_progress[0]) / (processed - first_progress[1])
+                if per_record * records >= EARLY_CLOSE_MIN_ACTIVE_S:
+                    dequeue = started - closed
+                    self.serial_dequeue_s = dequeue if self.serial_dequeue_s is None \
+                        else min(self.serial_dequeue_s, dequeue)
+                    self.serial_active_per_record = per_record
+                    self.serial_took_s = dequeue + per_record * records
+                    self._pause(now + left - self.serial_dequeue_s - time.monotonic())
+                    return
+            # While the job counts its rows up, look again shortly before the rate says it ends, but never after
+            # more than the time the rate was measured over (a rate from two close looks can be far off); else back
+            # off. The partition's first job: ~8 looks instead of ~18.
+            self._pause(interval if left is None else
+                        max(SERIAL_MIN_POLL_S, min(SERIAL_LEFT_SHARE * left, now - first_progress[0])))
+            interval = min(interval * 1.25, cfg.poll_max_interval_s)
 
     def _pause(self, seconds: float) -> None:
         if seconds > 0 and self.killed.wait(seconds):

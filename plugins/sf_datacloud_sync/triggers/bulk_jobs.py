@@ -12,6 +12,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 # Imported here, not in run(): an import inside the triggerer's event loop blocks every other trigger (~0.5 s).
 from sf_datacloud_sync.hooks._http import SalesforceApiError
 from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
+from sf_datacloud_sync.utils.progress import seconds_left
 
 TERMINAL_STATES = frozenset({"JobComplete", "Failed", "Aborted"})
 _ERROR_TEXT = 500
@@ -162,11 +163,9 @@ class BulkJobsTrigger(BaseTrigger):
         processed = int(jobs[job_id]["processed"])
         now = time.monotonic()
         since, start = self._first_seen.setdefault(job_id, (now, processed))
-        records = self.job_records.get(job_id)
-        if not records or processed <= start or now <= since:
+        left = seconds_left((since, start), now, processed, self.job_records.get(job_id) or 0)
+        if left is None:
             return backoff
-        rate = (processed - start) / (now - since)
-        left = max(0, records - processed) / rate
         return max(self.poll_interval, min(left / 2, 2 * self.max_poll_interval))
 
     @staticmethod

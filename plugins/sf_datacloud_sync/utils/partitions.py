@@ -17,7 +17,8 @@ PARTITION_KEYS = ("external_id", "account")
 class Partition:
     """Rows whose partition column is in ``[lower, upper)``; ``None`` bounds are open; ``null_bucket`` is IS NULL.
 
-    ``accounts`` (a lane): exactly the rows whose partition column is one of these values (bounds unused).
+    ``accounts`` (a lane): the rows whose partition column is one of these values; bounds unused unless
+    ``with_range``, which adds the rows in ``[lower, upper)`` (minus ``exclude``) to fill the lane's last batch.
     ``exclude``: values inside ``[lower, upper)`` that belong to lanes.
     """
 
@@ -30,6 +31,7 @@ class Partition:
     expected_rows: int = 0
     accounts: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    with_range: bool = False
 
     @property
     def serial(self) -> bool:
@@ -42,13 +44,13 @@ class Partition:
         """What the Airflow UI shows for this map index, e.g. ``P03 [OPP-0420…, OPP-0630)``."""
         if self.null_bucket:
             return f"P{self.index:02d} NULL {self.key}"
-        if self.accounts:
-            first = _short(self.accounts[0])
-            if len(self.accounts) == 1:
-                return f"P{self.index:02d} {self.key} {first}"
-            return f"P{self.index:02d} {len(self.accounts)} {self.key}s {first} +{len(self.accounts) - 1}"
         lo = "−∞" if self.lower is None else _short(self.lower)
         hi = "+∞" if self.upper is None else _short(self.upper)
+        if self.accounts:
+            first = _short(self.accounts[0])
+            lane = f"{self.key} {first}" if len(self.accounts) == 1 else \
+                f"{len(self.accounts)} {self.key}s {first} +{len(self.accounts) - 1}"
+            return f"P{self.index:02d} {lane}" + (f" & [{lo}, {hi})" if self.with_range else "")
         return f"P{self.index:02d} [{lo}, {hi})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,7 +60,7 @@ class Partition:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Partition:
         fields: dict[str, Any] = {k: data[k] for k in ("index", "count", "key", "lower", "upper", "null_bucket",
-                                                        "expected_rows") if k in data}
+                                                        "expected_rows", "with_range") if k in data}
         for name in ("accounts", "exclude"):
             if data.get(name):
                 fields[name] = tuple(data[name])
@@ -70,6 +72,8 @@ class Partition:
         bounds: list[Any] = [self.key, self.lower, self.upper, self.null_bucket]
         if self.accounts or self.exclude:
             bounds += [list(self.accounts), list(self.exclude)]
+        if self.with_range:
+            bounds.append("with_range")
         return bounds
 
     def contains(self, value: str | None) -> bool:
@@ -77,7 +81,7 @@ class Partition:
             return value is None
         if value is None:
             return False
-        if self.accounts:
+        if self.accounts and (value in self.accounts or not self.with_range):
             return value in self.accounts
         return (self.lower is None or value >= self.lower) and (self.upper is None or value < self.upper) \
             and value not in self.exclude
@@ -115,20 +119,26 @@ def range_query(partition: Partition, *, dmo: str, columns: list[str], key_colum
     params: dict[str, Any] = {}
     if partition.null_bucket:
         where.append(f"{part_col} IS NULL")
-    elif partition.accounts:
+    elif partition.accounts and not partition.with_range:
         where.append(f"{part_col} IN ({value_list('lane', partition.accounts, params)})")
     else:
+        in_range: list[str] = []
         if partition.lower is not None:
-            where.append(f"{part_col} >= :lower")
+            in_range.append(f"{part_col} >= :lower")
             params["lower"] = partition.lower
         if partition.upper is not None:
-            where.append(f"{part_col} < :upper")
+            in_range.append(f"{part_col} < :upper")
             params["upper"] = partition.upper
         if partition.lower is None and partition.upper is None:
             # The only data partition (n=1): "(-inf, +inf)" must still leave NULL keys to the NULL bucket.
-            where.append(f"{part_col} IS NOT NULL")
+            in_range.append(f"{part_col} IS NOT NULL")
         if partition.exclude:
-            where.append(f"{part_col} NOT IN ({value_list('lane', partition.exclude, params)})")
+            in_range.append(f"{part_col} NOT IN ({value_list('ex', partition.exclude, params)})")
+        if partition.accounts:  # a lane that also takes a range
+            where.append(f"({part_col} IN ({value_list('lane', partition.accounts, params)}) OR ("
+                         + " AND ".join(in_range) + "))")
+        else:
+            where += in_range
     if resume_after is not None:
         where.append(_after_predicate(order, resume_after, params))
     sql = f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM {quote_ident(dmo)}"

@@ -247,64 +247,79 @@ def largest_accounts(emulator: Any, n: int) -> list[tuple[str, int]]:
                           'NULL GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT ?', (n,)).fetchall()
 
 
-@pytest.mark.parametrize("early_close", [False, True])
-def test_serial_lane_keeps_one_job_at_a_time(sync_env, monkeypatch, early_close):
-    """A lane of the two largest Accounts, in jobs of at most 40 rows. Each job is closed once the ones before it
-    have processed all their rows; with early closes (batches that take long at the org) the newest one may still be
-    InProgress, never queued, and never more than one."""
+def _run_serial_lane(sync_env: Any, monkeypatch: Any, *, early_close_min_s: float, per_record_ms: int,
+                     accounts: int = 2) -> dict[str, Any]:
+    """Load a lane of the largest Accounts in jobs of at most 40 rows, checking at every close which earlier jobs
+    have not processed all their rows yet: ``early`` (the newest, InProgress) or ``overlaps`` (anything else)."""
     import sf_datacloud_sync.operators.load_partition as lp
     from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
     from sf_datacloud_sync.utils.ledger import Ledger
 
     emulator = sync_env.emulator
-    accounts = largest_accounts(emulator, 2)
-    total = sum(n for _, n in accounts)
+    largest = largest_accounts(emulator, accounts)
+    total = sum(n for _, n in largest)
     assert total > 80  # several jobs
     lane = Partition(index=0, count=4, key="account", lower=None, upper=None, expected_rows=total,
-                     accounts=tuple(a for a, _ in accounts))
-    records: dict[str, int] = {}
-    closed: list[str] = []
-    overlaps: list[tuple[str, dict[str, Any]]] = []
-    early: list[str] = []
+                     accounts=tuple(a for a, _ in largest))
+    seen: dict[str, Any] = {"records": {}, "closed": [], "overlaps": [], "early": [], "lane": lane, "total": total}
     close_job, job_opened = SalesforceBulk2Hook.close_job, Ledger.job_opened
 
     def checked_close(self: SalesforceBulk2Hook, job_id: str) -> dict[str, Any]:
-        for earlier in closed:
+        for earlier in seen["closed"]:
             info = self.get_job(earlier)
             done = info["state"] in ("JobComplete", "Failed", "Aborted") or \
-                info["numberRecordsProcessed"] >= records[earlier]
-            if not done and early_close and earlier == closed[-1] and info["state"] == "InProgress":
-                early.append(earlier)
+                info["numberRecordsProcessed"] >= seen["records"][earlier]
+            if not done and earlier == seen["closed"][-1] and info["state"] == "InProgress":
+                seen["early"].append(earlier)
             elif not done:
-                overlaps.append((earlier, info))
-        closed.append(job_id)
+                seen["overlaps"].append((earlier, info))
+        seen["closed"].append(job_id)
         return close_job(self, job_id)
 
     def opened(self: Ledger, job_id: str, **kw: Any) -> None:
-        records[job_id] = kw["records"]
+        seen["records"][job_id] = kw["records"]
         job_opened(self, job_id, **kw)
 
     monkeypatch.setattr(SalesforceBulk2Hook, "close_job", checked_close)
     monkeypatch.setattr(Ledger, "job_opened", opened)
-    # 40 rows at 20 ms in 10-row transactions: 0.8 s of processing per job, "long" when the threshold is lowered to
-    # 0.5 s; a job leaves the queue 0.5 s after its close, so an early close lands while the job before is running.
-    monkeypatch.setattr(lp, "EARLY_CLOSE_MIN_ACTIVE_S", 0.5 if early_close else 1e9)
-    emulator.control("PUT", "profile", {"name": "instant", "per_record_ms": 20, "chunk_records": 10,
+    monkeypatch.setattr(lp, "EARLY_CLOSE_MIN_ACTIVE_S", early_close_min_s)
+    # 10-row transactions: the job counts its rows up as it goes. A job leaves the queue 0.5 s after its close.
+    emulator.control("PUT", "profile", {"name": "instant", "per_record_ms": per_record_ms, "chunk_records": 10,
                                         "job_dequeue_delay_s": 0.5})
     config = write_config(sync_env.tmp / "serial.yaml", serial_job_records=40)
     make = operator_factory(SimpleNamespace(config=config), lane)
     try:
-        summary = Driver(lambda **kw: make(**kw), Store()).attempt()
+        seen["summary"] = Driver(lambda **kw: make(**kw), Store()).attempt()
     finally:
         emulator.control("PUT", "profile", {"name": "instant"})
-
+    summary, records = seen["summary"], seen["records"]
     check_summary(summary, lane, total)
-    assert summary["job_count"] == len(closed) == -(-total // 40)
+    assert summary["job_count"] == len(seen["closed"]) == -(-total // 40)
     assert max(records.values()) <= 40 and sum(records.values()) == total
-    assert overlaps == []
-    assert bool(early) == early_close  # the early path was taken (the emulator's chunks make it InProgress)
     assert summary["upserted"] == total - len(set(bad_rows(emulator)) & _lane_keys(emulator, lane))
     assert emulator.stats()["duplicate_uploads"] == 0
+    return seen
+
+
+@pytest.mark.parametrize("early_close", [False, True])
+def test_serial_lane_keeps_one_job_at_a_time(sync_env, monkeypatch, early_close):
+    """A lane of the two largest Accounts, in jobs of at most 40 rows. Each job is closed once the ones before it
+    have processed all their rows; with early closes (batches that take long at the org) the newest one may still be
+    InProgress, never queued, and never more than one."""
+    # 40 rows at 20 ms: 0.8 s of processing per job, "long" when the threshold is lowered to 0.5 s; a job leaves the
+    # queue 0.5 s after its close, so an early close lands while the job before is running.
+    seen = _run_serial_lane(sync_env, monkeypatch, early_close_min_s=0.5 if early_close else 1e9, per_record_ms=20)
+    assert seen["overlaps"] == []
+    assert bool(seen["early"]) == early_close  # the early path was taken (the emulator's chunks make it InProgress)
+
+
+def test_serial_lane_closes_its_second_job_early_from_the_first_jobs_rate(sync_env, monkeypatch):
+    """The first job's duration is unknown until it ends, but the org counts its rows up: once half of them are
+    processed, their rate and the job's own dequeue delay let the second job be closed before the first ends."""
+    # 40 rows at 50 ms in 10-row transactions: 2 s per job, the rate readable after ~1 s.
+    seen = _run_serial_lane(sync_env, monkeypatch, early_close_min_s=0.5, per_record_ms=50, accounts=1)
+    assert seen["overlaps"] == []
+    assert seen["closed"][0] in seen["early"]
 
 
 def _lane_keys(emulator: Any, lane: Partition) -> set[str]:
