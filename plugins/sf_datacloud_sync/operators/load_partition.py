@@ -62,6 +62,7 @@ MAX_QUERY_RESUMES = 5
 SERIAL_FIRST_POLL = 0.8  # serial partitions: first poll at this share of the last job's close-to-done time
 SERIAL_MIN_POLL_S = 0.2
 SERIAL_LEFT_SHARE = 0.9  # serial partitions: next look at this share of the time the processing rate says is left
+SERIAL_RATE_SHARE = 0.25  # ... and a first job's rate is trusted once measured over this share of its rows
 # Serial partitions overlap two jobs only where a batch takes this long at the org (a real org: ~36 s per 10,000
 # rows); where batches are quick, the dequeue delay is not worth hiding.
 EARLY_CLOSE_MIN_ACTIVE_S = 10.0
@@ -511,7 +512,7 @@ class _PartitionRun:
         seen). A job still queued is waited for. One InProgress whose batch still waits for an org thread can overlap
         the next; two batches of one Account then take turns per 200-row transaction, with lock waits far below
         Salesforce's 10 s timeout, and never more than two. The partition's first job gives both figures early when
-        the org counts its rows up as it goes: its rate over half its rows, and its own close-to-InProgress.
+        the org counts its rows up as it goes: its rate over a quarter of its rows, and its own close-to-InProgress.
 
         The newest job is watched first and the older ones are asked only then, right before the close: by that
         time they have long finished, so one look each both proves it and reads their final state (asked before
@@ -577,10 +578,11 @@ class _PartitionRun:
                 first_progress = (now, processed)
             left = seconds_left(first_progress, now, processed, records) if first_progress else None
             if left is not None and started is not None and not took \
-                    and 2 * (processed - first_progress[1]) >= records:
-                # The partition's first job, counting its rows up: its rate over half the job or more tells how
-                # long a batch takes, and its own close-to-InProgress the dequeue delay, so the second job can be
-                # closed early too. (An org that counts only whole batches shows no rate: the job is waited for.)
+                    and SERIAL_RATE_SHARE * records <= processed - first_progress[1]:
+                # The partition's first job, counting its rows up: its rate over a quarter of the job tells how long
+                # a batch takes, and its own close-to-InProgress the dequeue delay, so the second job can be closed
+                # early too (with a 30 s dequeue that is at once). An org that counts only whole batches shows no
+                # rate: the job is then waited for.
                 per_record = (now - first_progress[0]) / (processed - first_progress[1])
                 if per_record * records >= EARLY_CLOSE_MIN_ACTIVE_S:
                     dequeue = started - closed

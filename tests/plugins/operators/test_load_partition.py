@@ -314,7 +314,7 @@ def test_serial_lane_keeps_one_job_at_a_time(sync_env, monkeypatch, early_close)
 
 
 def test_serial_lane_closes_its_second_job_early_from_the_first_jobs_rate(sync_env, monkeypatch):
-    """The first job's duration is unknown until it ends, but the org counts its rows up: once half of them are
+    """The first job's duration is unknown until it ends, but the org counts its rows up: once a quarter of them are
     processed, their rate and the job's own dequeue delay let the second job be closed before the first ends."""
     # 40 rows at 50 ms in 10-row transactions: 2 s per job, the rate readable after ~1 s.
     seen = _run_serial_lane(sync_env, monkeypatch, early_close_min_s=0.5, per_record_ms=50, accounts=1)
