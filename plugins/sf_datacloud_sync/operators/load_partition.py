@@ -553,8 +553,11 @@ class _PartitionRun:
             if state in TERMINAL_STATES or processed >= records:
                 if closed is not None:
                     self.serial_took_s = now - closed
-                    self.serial_active_per_record = float(info.get("apiActiveProcessingTime") or 0) / 1000 \
-                        / max(1, processed)
+                    # Never more than this attempt saw on its own clock (an emulator scaled in time reports
+                    # modelled milliseconds; Salesforce's own figure is the smaller one anyway).
+                    active = min(float(info.get("apiActiveProcessingTime") or 0) / 1000,
+                                 self.serial_took_s - (self.serial_dequeue_s or 0.0))
+                    self.serial_active_per_record = max(0.0, active) / max(1, processed)
                 return
             if state == IN_PROGRESS and may_overlap:
                 # It left the queue before this poll: the dequeue delay is at most ``now - closed``, and the job

@@ -82,7 +82,7 @@ class Partition:
         if value is None:
             return False
         if self.accounts and (value in self.accounts or not self.with_range):
-            return value in self.accounts
+            return value in self.accounts  # a lane's own Account, or a lane without a range
         return (self.lower is None or value >= self.lower) and (self.upper is None or value < self.upper) \
             and value not in self.exclude
 
