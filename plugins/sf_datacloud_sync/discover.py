@@ -601,30 +601,29 @@ def discover(cfg: SyncConfig, datacloud: _DataCloud, salesforce: _Salesforce, *,
         raise DiscoveryError([f"params.partition_key: must be one of {', '.join(PARTITION_KEY_CHOICES)}, "
                               f"got {partition_key!r}"])
     warnings = validate(cfg, datacloud, salesforce)
-    requested = partitions
     column = cfg.account_column if partition_key == "account" else cfg.key_column
     lanes: list[list[tuple[str, int]]] = []
     lane_unkeyed = 0
+    ranges = partitions  # how many ranges the boundary query aims for
     if partition_key == "account":  # serial partitions: large Accounts get lanes (module docstring)
         lanes, lane_unkeyed, capacity, total = find_lanes(cfg, datacloud, column, partitions=partitions,
                                                           target_partition_rows=target_partition_rows)
-        if lanes and target_partition_rows is None:
-            # Lanes count towards the partitions asked for, and no range is longer than the lanes' capacity, so
-            # that all partitions can end together.
-            rest = total - sum(rows for lane in lanes for _, rows in lane)
-            partitions = max(1, partitions - len(lanes), -(-rest // capacity))
+    lane_rows = sum(rows for lane in lanes for _, rows in lane)
+    if lanes and target_partition_rows is None:
+        # Lanes count towards the partitions asked for, and no range is longer than the lanes' capacity, so that
+        # all partitions can end together (the even split; plan_serial sizes them itself).
+        ranges = max(1, partitions - len(lanes), -(-(total - lane_rows) // capacity))
     batch_rows = cfg.load.serial_job_records
     sql, parameters = boundary_query(dmo=cfg.dmo, partition_column=column, key_column=cfg.key_column,
-                                     partitions=partitions, target_partition_rows=target_partition_rows,
+                                     partitions=ranges, target_partition_rows=target_partition_rows,
                                      max_partitions=MAX_DATA_PARTITIONS - len(lanes),
                                      exclude=[value for lane in lanes for value, _ in lane],
                                      resolution_rows=max(1, batch_rows // 10) if partition_key == "account" else None)
     with datacloud.query(sql, parameters) as result:
         distribution = distribution_from_rows(result)
-    lane_rows = sum(rows for lane in lanes for _, rows in lane)
     planned = None
     if partition_key == "account":  # whole batches per partition (plan_serial)
-        wanted = partition_target(distribution.non_null_rows + lane_rows, requested, target_partition_rows,
+        wanted = partition_target(distribution.non_null_rows + lane_rows, partitions, target_partition_rows,
                                   MAX_DATA_PARTITIONS - 1)
         planned = plan_serial(distribution, partition_key, lanes=lanes, partitions=wanted, batch_rows=batch_rows)
     if planned is None:

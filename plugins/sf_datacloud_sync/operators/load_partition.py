@@ -43,7 +43,7 @@ from sf_datacloud_sync.utils.ledger import (
     Ledger,
 )
 from sf_datacloud_sync.utils.partitions import Partition, order_columns, range_query
-from sf_datacloud_sync.utils.progress import seconds_left
+from sf_datacloud_sync.utils.progress import seconds_left, seconds_per_record
 
 if TYPE_CHECKING:
     from sf_datacloud_sync.config import SyncConfig
@@ -586,7 +586,7 @@ class _PartitionRun:
                 # a batch takes, and its own close-to-InProgress the dequeue delay, so the second job can be closed
                 # early too (with a 30 s dequeue that is at once). An org that counts only whole batches shows no
                 # rate: the job is then waited for.
-                per_record = (now - first_progress[0]) / (processed - first_progress[1])
+                per_record = seconds_per_record(first_progress, now, processed) or 0.0
                 if per_record * records >= EARLY_CLOSE_MIN_ACTIVE_S:
                     dequeue = started - closed
                     self.serial_dequeue_s = dequeue if self.serial_dequeue_s is None \
