@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import math
 import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -373,6 +375,27 @@ def machine() -> dict[str, Any]:
             "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+CODE_DIRS = ("dags", "plugins", "include", "emulator", "bench")
+
+
+def code_version() -> dict[str, Any]:
+    """Which code a run measured: the git commit where there is one (``dirty`` if the tree differs from it), and a
+    digest of the Python and YAML sources under :data:`CODE_DIRS`, which also tells runs from a copied tree apart."""
+    digest = hashlib.sha256()
+    for path in sorted(p for d in CODE_DIRS for p in (ROOT / d).rglob("*")
+                       if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts and p.is_file()):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    out: dict[str, Any] = {"sources_sha256": digest.hexdigest()[:16], "commit": None, "dirty": None}
+    try:
+        out["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                       check=True).stdout.strip()
+        out["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", *CODE_DIRS], cwd=ROOT,
+                                           capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass  # not a git checkout (a copied tree): the digest still identifies the code
+    return out
+
+
 # -- output --------------------------------------------------------------------------------------------------------
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
@@ -555,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args=args, workdir=workdir, command="python -m bench.run " + " ".join(argv_text))
     started = time.monotonic()
     run: dict[str, Any] = {"measured_at": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "argv": argv_text,
-                           "machine": machine(), "rows": args.rows, "smoke": args.smoke}
+                           "machine": machine(), "code": code_version(), "rows": args.rows, "smoke": args.smoke}
     ok = False
     try:
         print(f"[bench] work directory {workdir}; seeding {args.rows:,} rows ...", flush=True)

@@ -19,8 +19,8 @@ field mapping, artifact location, pool size) live in `include/sync_config.yaml` 
 * **partition_key** (`account`): `account` keeps all Opportunities of one Account in the same partition and loads
   each partition one job (one 10,000-row internal batch) at a time, so two batches never lock the same Account row
   (`UNABLE_TO_LOCK_ROW`); Accounts with more than 10,000 Opportunities (Salesforce's data skew) are packed into
-  lanes of their own, largest first, and every partition is sized in whole batches. `external_id` gives even key ranges loaded in large parallel jobs (fewer API
-  requests) but lets batches contend for the same Accounts.
+  lanes of their own, largest first, and every partition is sized in whole batches. `external_id` gives even key
+  ranges loaded in large parallel jobs (fewer API requests) but lets batches contend for the same Accounts.
 * **max_records_per_job** (100,000): rows per Bulk job (Salesforce splits jobs into 10,000-row batches); with
   `account` a job holds at most `load.serial_job_records` (10,000) rows.
 * **dry_run** (false): run `discover` and each partition's read, write nothing to Salesforce.

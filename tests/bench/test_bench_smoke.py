@@ -40,6 +40,7 @@ def test_smoke_all_contenders_fully_upserted(tmp_path: Path) -> None:
     assert len(runs) == 1
     run = runs[0]
     assert run["smoke"] is True and run["rows"] == 20_000 and "error" not in run
+    assert len(run["code"]["sources_sha256"]) == 16 and len(run["code"]["commit"] or "") in (0, 40)
     results = run["results"]
     assert {r["contender"] for r in results} == CONTENDERS
     for r in results:

@@ -81,8 +81,10 @@ class Partition:
             return value is None
         if value is None:
             return False
-        if self.accounts and (value in self.accounts or not self.with_range):
-            return value in self.accounts  # a lane's own Account, or a lane without a range
+        if value in self.accounts:
+            return True
+        if self.accounts and not self.with_range:
+            return False
         return (self.lower is None or value >= self.lower) and (self.upper is None or value < self.upper) \
             and value not in self.exclude
 
