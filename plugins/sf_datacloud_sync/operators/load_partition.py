@@ -32,7 +32,6 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from sf_datacloud_sync.utils.ledger import (
     ABORTED,
     FAILED,
-    IN_PROGRESS,
     JOB_COMPLETE,
     MAX_JOB_IDS,
     OPEN,
@@ -43,7 +42,7 @@ from sf_datacloud_sync.utils.ledger import (
     Ledger,
 )
 from sf_datacloud_sync.utils.partitions import Partition, order_columns, range_query
-from sf_datacloud_sync.utils.progress import seconds_left, seconds_per_record
+from sf_datacloud_sync.utils.serial_pacing import SerialPacer
 
 if TYPE_CHECKING:
     from sf_datacloud_sync.config import SyncConfig
@@ -59,21 +58,6 @@ TRANSIENT_JOB_ERRORS = frozenset({"TooManyLockFailure", "Unknown", "Timeout", "I
 UNPROCESSED_CODE = "UNPROCESSED"
 MAX_BACKOFF_S = 300.0
 MAX_QUERY_RESUMES = 5
-SERIAL_FIRST_POLL = 0.8  # serial partitions: first poll at this share of the last job's close-to-done time
-SERIAL_MIN_POLL_S = 0.2
-SERIAL_LEFT_SHARE = 0.9  # serial partitions: next look at this share of the time the processing rate says is left
-SERIAL_RATE_SHARE = 0.25  # ... and a first job's rate is trusted once measured over this share of its rows
-# Serial partitions overlap two jobs only where a job takes this long from its close to its end (a real org: a dequeue
-# delay of seconds plus ~36 s per 10,000 rows); where jobs are that quick, there is little to hide.
-EARLY_CLOSE_MIN_TOOK_S = 10.0
-# Longest pause between looks at a job waiting to be dequeued, and at most this share of a batch: a dequeue delay
-# measured that late closes the next job that much too early, and its batch then waits for the Account's row locks
-# (Salesforce waits 10 s for a row lock; at 36 s per batch, 2 s).
-SERIAL_MAX_QUEUED_LOOK_S = 2.0
-SERIAL_MAX_QUEUED_LOOK_SHARE = 0.1
-# Every so many jobs the first look comes at half the dequeue delay seen so far: an estimate inflated by one slow
-# dequeue (or a batch that waited for a thread) comes down again.
-SERIAL_PROBE_EVERY = 4
 SETTLE_TIMEOUT_S = 120.0
 _DEFER_MARGIN_S = 600.0
 
@@ -237,7 +221,7 @@ class LoadPartitionOperator(BaseOperator):
                 run.ledger.phase = "waiting"
                 run.progress()
                 # A serial partition knows its jobs take longer than that: defer at once.
-                quick = not (run.part.serial and run.serial_took_s > cfg.wait_before_defer_s)
+                quick = not (run.part.serial and run.pacer.took_s > cfg.wait_before_defer_s)
                 if self.deferrable and cfg.wait_before_defer_s > 0 and quick and not run.wait_here(
                         running, timeout=cfg.wait_before_defer_s, poll_interval=1.5):
                     # Finished within seconds (small jobs, a quick org): a deferral would cost the triggerer round
@@ -321,11 +305,10 @@ class _PartitionRun:
         self.killed = threading.Event()
         self.aborted: set[str] = set()
         self.closed_at: dict[str, float] = {}  # serial partitions: when this attempt closed each job
-        self.serial_took_s = 0.0  # serial partitions: the last finished job's close-to-done time
-        self.serial_active_per_record = 0.0  # ... and its apiActiveProcessingTime per record, in seconds
-        self.serial_dequeue_s: float | None = None  # close to InProgress, the shortest seen (see wait_turn)
-        self.serial_looks = 0
-        self.serial_counts_rows = False  # the org counts a batch's rows up as they commit (not only whole batches)
+        load = self.cfg.load
+        self.pacer = SerialPacer(get_job=self._job_status, pause=self._pause, label=self.label,
+                                 poll_interval_s=load.poll_interval_s, poll_max_interval_s=load.poll_max_interval_s,
+                                 job_timeout_s=load.job_timeout_s)
         self._last_line = ""
         self.ledger, stale = Ledger.load(self.store, run_id=self.run_id, label=self.label,
                                          bounds=self.part.bounds, attempt=self.attempt)
@@ -506,19 +489,7 @@ class _PartitionRun:
         return still
 
     def wait_turn(self) -> None:
-        """Serial partitions: block until the next job may be closed.
-
-        The next job is created and uploaded while the current one runs, so only the close, the org's dequeue delay and
-        a poll separate two batches of the partition. Every job but the newest must have processed all its rows. The
-        newest one must too, except once the org has shown that a job takes long from its close to its end (at least
-        :data:`EARLY_CLOSE_MIN_TOOK_S`): then the next job is closed one dequeue delay before the newest is expected to
-        end. That is counted from the look that first saw it InProgress (it started before that look; the dequeue delay
-        is the shortest close-to-InProgress seen) or, where its batch then still waited for an org thread (InProgress,
-        no row processed), from when its rows started to count. A job still queued is waited for. So the next batch
-        starts when this one ends, give or take a look; two batches of one Account that meet take turns per 200-row
-        transaction, with lock waits far below Salesforce's 10 s timeout. The partition's first job gives both figures
-        early when the org counts its rows up as it goes: its rate over a quarter of its rows, and its own
-        close-to-InProgress.
+        """Serial partitions: block until the next job may be closed (:mod:`~sf_datacloud_sync.utils.serial_pacing`).
 
         The newest job is watched first and the older ones are asked only then, right before the close: by that
         time they have long finished, so one look each both proves it and reads their final state (asked before
@@ -526,123 +497,17 @@ class _PartitionRun:
         """
         running = self.ledger.running_job_ids()
         if running:
-            self._watch_job(running[-1], closed=self.closed_at.get(running[-1]))
+            newest = running[-1]
+            self.pacer.wait_turn(newest, int(self.ledger.jobs[newest]["records"]), closed=self.closed_at.get(newest))
         for job_id in running[:-1]:
-            self._watch_job(job_id, closed=None)
+            self.pacer.wait_done(job_id, int(self.ledger.jobs[job_id]["records"]))
         # Not saved here: the close that follows records the ledger with these states.
 
-    def _watch_job(self, job_id: str, *, closed: float | None) -> None:
-        """Poll one job until it has processed all its rows, or (``closed``: when this attempt closed the newest
-        job) until the next one may be closed early (see :meth:`wait_turn`)."""
-        cfg = self.cfg.load
-        records = int(self.ledger.jobs[job_id]["records"])
-        took, active = self.serial_took_s, self.serial_active_per_record * records
-        may_overlap = closed is not None and took >= EARLY_CLOSE_MIN_TOOK_S
-        # First look when it should have left the queue; every few jobs at half that, to see the queue shrink. A probe
-        # that finds it still queued halves the time left to the usual look, down to the queued looks' resolution
-        # (at a 30 s dequeue a probe takes 5 looks; ramping up short looks from there took 15).
-        usual = probe_step = 0.0
-        max_queued_look = min(SERIAL_MAX_QUEUED_LOOK_S, max(SERIAL_MIN_POLL_S, SERIAL_MAX_QUEUED_LOOK_SHARE * active)) \
-            if active else SERIAL_MAX_QUEUED_LOOK_S
-        if may_overlap:
-            dequeue = self.serial_dequeue_s or 0.0
-            usual = closed + dequeue + SERIAL_MIN_POLL_S
-            self.serial_looks += 1
-            if self.serial_looks % SERIAL_PROBE_EVERY == 0:
-                probe_step = min(max(0.1 * dequeue, SERIAL_MIN_POLL_S), max_queued_look)
-                self._pause(closed + 0.5 * dequeue + SERIAL_MIN_POLL_S - time.monotonic())
-            else:
-                self._pause(usual - time.monotonic())
-        elif closed is not None and took:
-            self._pause(closed + SERIAL_FIRST_POLL * took - time.monotonic())
-        interval = max(SERIAL_MIN_POLL_S, min(cfg.poll_interval_s, took / 40)) if took else SERIAL_MIN_POLL_S
-        deadline = time.monotonic() + cfg.job_timeout_s
-        queued_look = SERIAL_MIN_POLL_S
-        first_progress: tuple[float, int] | None = None
-        queued_seen = closed  # when a look last saw it still queued
-        in_progress_seen: float | None = None  # when a look first saw it InProgress
-        while True:
-            info = self.op.bulk.get_job(job_id)
-            now = time.monotonic()
-            with self.lock:
-                self.ledger.job_status(job_id, info)
-            state = info.get("state")
-            processed = int(info.get("numberRecordsProcessed") or 0)
-            if state in TERMINAL_STATES or processed >= records:
-                if closed is not None:
-                    self.serial_took_s = now - closed
-                    # Never more than this attempt saw on its own clock (an emulator scaled in time reports
-                    # modelled milliseconds; Salesforce's own figure is the smaller one anyway).
-                    active = min(float(info.get("apiActiveProcessingTime") or 0) / 1000,
-                                 self.serial_took_s - (self.serial_dequeue_s or 0.0))
-                    self.serial_active_per_record = max(0.0, active) / max(1, processed)
-                return
-            if 0 < processed < records:
-                self.serial_counts_rows = True
-            if state == IN_PROGRESS and closed is not None and in_progress_seen is None:
-                in_progress_seen = now  # it left the queue before this look
-            if state == IN_PROGRESS and may_overlap:
-                probe_step = 0.0
-                self._saw_dequeue(in_progress_seen - closed)
-                if processed or not self.serial_counts_rows:
-                    # Counted from the look that saw it InProgress or, if its batch waited for an org thread, from
-                    # when the batch started (``processed`` rows ago), it ends ``active`` later; the next job, closed
-                    # a dequeue delay before, cannot start earlier.
-                    batch_started = max(in_progress_seen, now - processed * self.serial_active_per_record)
-                    self._pause(batch_started + active - self.serial_dequeue_s - time.monotonic())
-                    return
-                # Else InProgress with no row processed: its batch still waits for an org thread and its end is not
-                # in sight; look again (below). Counted from here, the next batch of these Accounts could start while
-                # this one runs (seen at a 30 s dequeue scaled by 5: the two waited for each other's row locks until
-                # one timed out).
-            if now > deadline:
-                raise AirflowException(f"{self.label}: Bulk job {job_id} STILL RUNNING at Salesforce after "
-                                       f"{cfg.job_timeout_s:.0f}s (not failed); a retry re-attaches to it")
-            if may_overlap or (closed is not None and state != IN_PROGRESS):
-                if probe_step:
-                    gap = usual - now
-                    if gap > probe_step:
-                        self._pause(gap / 2)
-                    else:
-                        probe_step = 0.0  # from the usual time on, as any watch
-                        self._pause(gap)
-                    continue
-                # Watching for the start: short looks, then longer (a first job's 30 s dequeue costs ~20); at most
-                # max_queued_look late, so the dequeue delay measured from it is never much too long.
-                if state != IN_PROGRESS:
-                    queued_seen = now
-                queued_look = min(queued_look * 1.25, max_queued_look)
-                self._pause(queued_look)
-                continue
-            if processed and first_progress is None:
-                first_progress = (now, processed)
-            left = seconds_left(first_progress, now, processed, records) if first_progress else None
-            if left is not None and in_progress_seen is not None and not took \
-                    and SERIAL_RATE_SHARE * records <= processed - first_progress[1]:
-                # The partition's first job, counting its rows up: its rate over a quarter of the job tells how long
-                # a batch takes, and its own close-to-InProgress the dequeue delay, so the second job can be closed
-                # early too (with a 30 s dequeue that is at once). An org that counts only whole batches shows no
-                # rate: the job is then waited for.
-                per_record = seconds_per_record(first_progress, now, processed) or 0.0
-                dequeue = in_progress_seen - closed
-                if dequeue + per_record * records >= EARLY_CLOSE_MIN_TOOK_S:
-                    self._saw_dequeue(dequeue)
-                    self.serial_active_per_record = per_record
-                    self.serial_took_s = dequeue + per_record * records
-                    # This once, the dequeue delay is known from one job only, to within a queued look (up to 2 s
-                    # while a batch's length is unknown): the close counts with the shortest it can have been.
-                    self._pause(now + left - min(self.serial_dequeue_s, queued_seen - closed) - time.monotonic())
-                    return
-            # While the job counts its rows up, look again shortly before the rate says it ends, but never after
-            # more than the time the rate was measured over (a rate from two close looks can be far off); else back
-            # off. The partition's first job: ~8 looks instead of ~18.
-            self._pause(interval if left is None else
-                        max(SERIAL_MIN_POLL_S, min(SERIAL_LEFT_SHARE * left, now - first_progress[0])))
-            interval = min(interval * 1.25, cfg.poll_max_interval_s)
-
-    def _saw_dequeue(self, seconds: float) -> None:
-        """A job left the queue at most ``seconds`` after its close: the dequeue delay is the shortest such figure."""
-        self.serial_dequeue_s = seconds if self.serial_dequeue_s is None else min(self.serial_dequeue_s, seconds)
+    def _job_status(self, job_id: str) -> Mapping[str, Any]:
+        info = self.op.bulk.get_job(job_id)
+        with self.lock:
+            self.ledger.job_status(job_id, info)
+        return info
 
     def _pause(self, seconds: float) -> None:
         if seconds > 0 and self.killed.wait(seconds):

@@ -251,7 +251,7 @@ def _run_serial_lane(sync_env: Any, monkeypatch: Any, *, early_close_min_s: floa
                      accounts: int = 2, dequeue_s: float = 0.5) -> dict[str, Any]:
     """Load a lane of the largest Accounts in jobs of at most 40 rows, checking at every close which earlier jobs
     have not processed all their rows yet: ``early`` (the newest, InProgress) or ``overlaps`` (anything else)."""
-    import sf_datacloud_sync.operators.load_partition as lp
+    import sf_datacloud_sync.utils.serial_pacing as pacing
     from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
     from sf_datacloud_sync.utils.ledger import Ledger
 
@@ -282,7 +282,7 @@ def _run_serial_lane(sync_env: Any, monkeypatch: Any, *, early_close_min_s: floa
 
     monkeypatch.setattr(SalesforceBulk2Hook, "close_job", checked_close)
     monkeypatch.setattr(Ledger, "job_opened", opened)
-    monkeypatch.setattr(lp, "EARLY_CLOSE_MIN_TOOK_S", early_close_min_s)
+    monkeypatch.setattr(pacing, "EARLY_CLOSE_MIN_TOOK_S", early_close_min_s)
     # 10-row transactions: the job counts its rows up as it goes. A job leaves the queue dequeue_s after its close.
     emulator.control("PUT", "profile", {"name": "instant", "per_record_ms": per_record_ms, "chunk_records": 10,
                                         "job_dequeue_delay_s": dequeue_s})
@@ -323,113 +323,6 @@ def test_serial_lane_closes_its_second_job_early_from_the_first_jobs_rate(sync_e
     seen = _run_serial_lane(sync_env, monkeypatch, early_close_min_s=0.5, per_record_ms=50, accounts=1, dequeue_s=1.5)
     assert seen["overlaps"] == []
     assert seen["closed"][0] in seen["early"]
-
-
-def _watch_on_a_virtual_clock(monkeypatch: Any, *, dequeue_s: float, probe: bool = False,
-                              known_dequeue_s: float | None = 30.0, batch_s: float = 36.0,
-                              thread_wait_s: float = 0.0) -> tuple[int, float, float]:
-    """Watch a serial partition's newest job on a virtual clock: the org leaves it queued ``dequeue_s`` seconds after
-    its close (InProgress), its batch waits ``thread_wait_s`` for an org thread, then processes its 10,000 rows in
-    ``batch_s``. The partition has seen a ``known_dequeue_s`` dequeue and a batch as long before (``None``: it is the
-    partition's first job).
-
-    :return: how many status requests the watch took, the virtual time it handed the close over, and the dequeue
-        delay it knows then.
-    """
-    import sf_datacloud_sync.operators.load_partition as lp
-
-    now = [0.0]
-    monkeypatch.setattr(lp, "time", SimpleNamespace(monotonic=lambda: now[0], time=lambda: now[0]))
-    looks: list[float] = []
-
-    def get_job(job_id: str) -> dict[str, Any]:
-        looks.append(now[0])
-        t = now[0] - dequeue_s
-        if t < 0:
-            return {"id": job_id, "state": "UploadComplete", "numberRecordsProcessed": 0}
-        t = max(0.0, t - thread_wait_s)
-        return {"id": job_id, "state": "InProgress", "numberRecordsProcessed": min(10_000, int(t / batch_s * 10_000))}
-
-    def pause(seconds: float) -> None:
-        now[0] += max(0.0, seconds)
-
-    run = lp._PartitionRun.__new__(lp._PartitionRun)
-    run.cfg = SimpleNamespace(load=SimpleNamespace(poll_interval_s=5.0, poll_max_interval_s=30.0, job_timeout_s=3600))
-    run.op = SimpleNamespace(bulk=SimpleNamespace(get_job=get_job))
-    run.ledger = SimpleNamespace(jobs={"750J": {"records": 10_000}}, job_status=lambda job_id, info: None)
-    run.lock = __import__("threading").RLock()
-    run.label = "P00"
-    run._pause = pause
-    if known_dequeue_s is None:
-        run.serial_took_s, run.serial_active_per_record = 0.0, 0.0
-    else:
-        run.serial_took_s, run.serial_active_per_record = known_dequeue_s + batch_s, batch_s / 10_000
-    run.serial_dequeue_s = known_dequeue_s
-    run.serial_looks = lp.SERIAL_PROBE_EVERY - 1 if probe else 0  # the next watch is (not) a probe
-    run.serial_counts_rows = known_dequeue_s is not None  # seen on earlier jobs
-    run._watch_job("750J", closed=0.0)
-    return len(looks), now[0], run.serial_dequeue_s
-
-
-@pytest.mark.parametrize("dequeue_s", [30.0, 31.0, 20.0, 26.0])
-def test_a_probe_for_a_shorter_dequeue_costs_a_few_looks(monkeypatch, dequeue_s):
-    """Every few jobs a serial partition looks at half the dequeue delay it knows, to notice the queue got shorter.
-    Finding the job still queued, it halves the time left to the usual look (15 s, 22.5 s, 26 s, 28 s, then 30 s):
-    four extra requests at a 30 s dequeue, not a ramp of short looks (~14), and a shorter queue is still seen."""
-    usual_looks, usual_handover, usual_dequeue = _watch_on_a_virtual_clock(monkeypatch, dequeue_s=dequeue_s,
-                                                                           probe=False)
-    probe_looks, probe_handover, probe_dequeue = _watch_on_a_virtual_clock(monkeypatch, dequeue_s=dequeue_s,
-                                                                           probe=True)
-    assert usual_looks <= 5
-    # Either way the next job, closed at the handover and as long in the queue, starts when this one ends (at
-    # dequeue_s + 36) or at most a look's resolution later.
-    for handover in (usual_handover, probe_handover):
-        assert 36.0 <= handover <= 38.5
-    if dequeue_s >= 30:  # nothing to find: the same figure, a few looks more
-        assert probe_looks <= usual_looks + 4
-        assert probe_dequeue == usual_dequeue == 30.0
-    else:  # the probe saw the shorter queue (a usual look cannot), the next probe to within 2.5 s
-        assert usual_dequeue == 30.0
-        assert probe_looks <= 5
-        assert dequeue_s <= probe_dequeue < 30.0
-        _, _, next_dequeue = _watch_on_a_virtual_clock(monkeypatch, dequeue_s=dequeue_s, probe=True,
-                                                       known_dequeue_s=probe_dequeue)
-        assert dequeue_s <= next_dequeue <= min(probe_dequeue, dequeue_s + 2.5)
-
-
-def test_a_long_dequeue_is_hidden_even_where_batches_are_quick(monkeypatch):
-    """7.2 s batches behind a 6 s dequeue (a realistic org time-scaled by 5, or small jobs on a slow queue): the next
-    job is still closed one dequeue delay before the newest ends, since the close-to-end time is what it hides."""
-    looks, handover, dequeue = _watch_on_a_virtual_clock(monkeypatch, dequeue_s=6.0, probe=False, known_dequeue_s=6.0,
-                                                         batch_s=7.2)
-    assert dequeue == 6.0 and looks <= 3
-    assert 7.2 <= handover <= 7.7  # the newest job ends at 13.2 s; the next one, closed then, leaves the queue then
-
-
-@pytest.mark.parametrize(("dequeue_s", "batch_s"), [(2.0, 36.0), (30.0, 36.0), (6.0, 7.2)])
-def test_the_first_jobs_early_close_never_counts_with_a_dequeue_longer_than_it_was(monkeypatch, dequeue_s, batch_s):
-    """The first job's dequeue delay is seen to within a look (up to 2 s). The second job, closed early from the first
-    job's rate, counts with the shortest delay the looks allow: it leaves the queue after the first job ends, not up
-    to a look before, when both batches would wait for the same Account's row locks."""
-    _, handover, dequeue = _watch_on_a_virtual_clock(monkeypatch, dequeue_s=dequeue_s, known_dequeue_s=None,
-                                                     batch_s=batch_s)
-    assert dequeue_s <= dequeue <= dequeue_s + 2.0  # what later jobs start from; probes bring it down
-    end = dequeue_s + batch_s
-    assert end <= handover + dequeue_s
-    if dequeue_s < 0.5 * batch_s:  # the rate is known in time (else the close is at once): at most a look late
-        assert handover + dequeue_s <= end + 2.0
-
-
-@pytest.mark.parametrize("thread_wait_s", [0.0, 1.0, 5.0])
-def test_a_batch_waiting_for_an_org_thread_is_not_counted_as_running(monkeypatch, thread_wait_s):
-    """A job turns InProgress before its batch gets one of the org's threads; on a busy org that takes seconds. The
-    next job is closed from when the batch started (its rows counted so far tell), so it still leaves the queue after
-    this one ends, not while it runs (two batches of one Account would wait for each other's row locks)."""
-    looks, handover, _ = _watch_on_a_virtual_clock(monkeypatch, dequeue_s=6.0, known_dequeue_s=6.0, batch_s=7.2,
-                                                   thread_wait_s=thread_wait_s)
-    end = 6.0 + thread_wait_s + 7.2
-    assert end <= handover + 6.0 <= end + 1.0
-    assert looks <= 3 + 2 * thread_wait_s
 
 
 def _lane_keys(emulator: Any, lane: Partition) -> set[str]:

@@ -1,0 +1,239 @@
+"""When a serial partition may close its next Bulk job.
+
+A serial partition (``partition_key=account``) keeps one 10,000-row job running at Salesforce at a time, so two
+batches never lock the same Account. The next job is created and uploaded while the current one runs; only its close
+waits. :class:`SerialPacer` decides how long, from what the partition's earlier jobs showed: how long a job takes from
+its close to its end, how long the org keeps a closed job queued (the dequeue delay) and how long its batch runs.
+
+Every job but the newest must have processed all its rows. The newest one must too, except once the org has shown
+that a job takes long from its close to its end (at least :data:`EARLY_CLOSE_MIN_TOOK_S`): then the next job is closed
+one dequeue delay before the newest is expected to end. That is counted from the look that first saw it InProgress (it
+started before that look; the dequeue delay is the shortest close-to-InProgress seen) or, where its batch then still
+waited for an org thread (InProgress, no row processed), from when its rows started to count. A job still queued is
+waited for. So the next batch starts when this one ends, give or take a look; two batches of one Account that meet take
+turns per 200-row transaction, with lock waits far below Salesforce's 10 s timeout. The partition's first job gives
+both figures early when the org counts its rows up as it goes: its rate over a quarter of its rows, and its own
+close-to-InProgress.
+
+The pacer does no I/O of its own: it looks at a job through ``get_job`` and waits through ``pause`` (which raises when
+the task is stopped), on the ``clock`` it is given.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowException
+
+from sf_datacloud_sync.utils.ledger import IN_PROGRESS, TERMINAL_STATES
+from sf_datacloud_sync.utils.progress import seconds_left, seconds_per_record
+
+FIRST_POLL_SHARE = 0.8  # first look at this share of the last job's close-to-done time
+MIN_POLL_S = 0.2
+LEFT_SHARE = 0.9  # next look at this share of the time the processing rate says is left
+RATE_SHARE = 0.25  # ... and a first job's rate is trusted once measured over this share of its rows
+# Two jobs overlap only where a job takes this long from its close to its end (a real org: a dequeue delay of seconds
+# plus ~36 s per 10,000 rows); where jobs are that quick, there is little to hide.
+EARLY_CLOSE_MIN_TOOK_S = 10.0
+# Longest pause between looks at a job waiting to be dequeued, and at most this share of a batch: a dequeue delay
+# measured that late closes the next job that much too early, and its batch then waits for the Account's row locks
+# (Salesforce waits 10 s for a row lock; at 36 s per batch, 2 s).
+MAX_QUEUED_LOOK_S = 2.0
+MAX_QUEUED_LOOK_SHARE = 0.1
+# Every so many jobs the first look comes at half the dequeue delay seen so far: an estimate inflated by one slow
+# dequeue (or a batch that waited for a thread) comes down again.
+PROBE_EVERY = 4
+
+
+class SerialPacer:
+    """A serial partition's estimates of its org, and the waits between its jobs that follow from them.
+
+    :param get_job: the job's status, as ``GET /jobs/ingest/{id}`` returns it.
+    :param pause: wait that many seconds (raises when the task is stopped).
+    :param job_timeout_s: a job still unfinished after this long fails the task (as still running, not failed).
+    """
+
+    def __init__(self, *, get_job: Callable[[str], Mapping[str, Any]], pause: Callable[[float], None], label: str,
+                 poll_interval_s: float, poll_max_interval_s: float, job_timeout_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.get_job = get_job
+        self.pause = pause
+        self.label = label
+        self.poll_interval_s = poll_interval_s
+        self.poll_max_interval_s = poll_max_interval_s
+        self.job_timeout_s = job_timeout_s
+        self.clock = clock
+        self.took_s = 0.0  # the last finished job's close-to-done time
+        self.active_per_record = 0.0  # ... and its apiActiveProcessingTime per record, in seconds
+        self.dequeue_s: float | None = None  # close to InProgress, the shortest seen
+        self.counts_rows = False  # the org counts a batch's rows up as they commit (not only whole batches)
+        self.watches = 0  # early-close watches so far (every PROBE_EVERY-th is a probe)
+
+    # -- what the partition calls ------------------------------------------------------------------------------------
+    def wait_turn(self, job_id: str, records: int, *, closed: float | None) -> None:
+        """Watch the newest job (``closed``: when this attempt closed it, on :attr:`clock`) until the next one may be
+        closed: once it has processed all its rows or, once jobs are known to take long, one dequeue delay before its
+        expected end."""
+        if closed is not None and self.took_s >= EARLY_CLOSE_MIN_TOOK_S:
+            self._until_next_may_start(job_id, records, closed)
+        else:
+            self._until_done(job_id, records, closed)
+
+    def wait_done(self, job_id: str, records: int) -> None:
+        """Watch an older job until it has processed all its rows (by then it usually has: one look)."""
+        self._until_done(job_id, records, None)
+
+    # -- the watches -------------------------------------------------------------------------------------------------
+    def _until_next_may_start(self, job_id: str, records: int, closed: float) -> None:
+        """Jobs take long: look when the newest should have left the queue, then wait until one dequeue delay before
+        it ends. Every few jobs the first look is a probe at half the dequeue delay, to see the queue shrink; a probe
+        that finds the job still queued halves the time left to the usual look, down to the queued looks' resolution
+        (at a 30 s dequeue a probe takes 5 looks; ramping up short looks from there took 15)."""
+        deadline = self.clock() + self.job_timeout_s
+        active = self.active_per_record * records
+        max_queued_look = self._max_queued_look(active)
+        dequeue = self.dequeue_s or 0.0
+        usual = closed + dequeue + MIN_POLL_S
+        self.watches += 1
+        probe_step = 0.0
+        if self.watches % PROBE_EVERY == 0:
+            probe_step = min(max(0.1 * dequeue, MIN_POLL_S), max_queued_look)
+            self._pause_until(closed + 0.5 * dequeue + MIN_POLL_S)
+        else:
+            self._pause_until(usual)
+        queued_look = MIN_POLL_S
+        in_progress_seen: float | None = None
+        while True:
+            now, state, processed = self._look(job_id, records, closed)
+            if state is None:
+                return
+            if state == IN_PROGRESS:
+                if in_progress_seen is None:
+                    in_progress_seen = now  # it left the queue before this look
+                probe_step = 0.0
+                self._saw_dequeue(in_progress_seen - closed)
+                if processed or not self.counts_rows:
+                    # Counted from the look that saw it InProgress or, if its batch waited for an org thread, from
+                    # when the batch started (``processed`` rows ago), it ends ``active`` later; the next job, closed
+                    # a dequeue delay before, cannot start earlier.
+                    batch_started = max(in_progress_seen, now - processed * self.active_per_record)
+                    self._pause_until(batch_started + active - self.dequeue_s)
+                    return
+                # Else InProgress with no row processed: its batch still waits for an org thread and its end is not
+                # in sight; look again. Counted from here, the next batch of these Accounts could start while this one
+                # runs (seen at a 30 s dequeue scaled by 5: the two waited for each other's row locks until one timed
+                # out).
+            self._check_deadline(job_id, now, deadline)
+            if probe_step:
+                gap = usual - now
+                if gap > probe_step:
+                    self.pause(gap / 2)
+                else:
+                    probe_step = 0.0  # from the usual time on, as any watch
+                    self._pause_until(usual)
+                continue
+            queued_look = min(queued_look * 1.25, max_queued_look)
+            self.pause(queued_look)
+
+    def _until_done(self, job_id: str, records: int, closed: float | None) -> None:
+        """Watch a job until it has processed all its rows, looking shortly before its processing rate says it ends.
+        The partition's first job (``closed`` and nothing known yet) may end the watch early: see
+        :meth:`_first_job_early_close`."""
+        took = self.took_s
+        deadline = self.clock() + self.job_timeout_s
+        if closed is not None and took:
+            self._pause_until(closed + FIRST_POLL_SHARE * took)
+        interval = max(MIN_POLL_S, min(self.poll_interval_s, took / 40)) if took else MIN_POLL_S
+        max_queued_look = self._max_queued_look(self.active_per_record * records)
+        queued_look = MIN_POLL_S
+        first_progress: tuple[float, int] | None = None
+        queued_seen = closed  # when a look last saw it still queued
+        in_progress_seen: float | None = None  # when a look first saw it InProgress
+        while True:
+            now, state, processed = self._look(job_id, records, closed)
+            if state is None:
+                return
+            if closed is not None and state == IN_PROGRESS and in_progress_seen is None:
+                in_progress_seen = now
+            self._check_deadline(job_id, now, deadline)
+            if closed is not None and state != IN_PROGRESS:
+                # Watching for the start: short looks, then longer (a first job's 30 s dequeue costs ~20); at most
+                # max_queued_look late, so the dequeue delay measured from it is never much too long.
+                queued_seen = now
+                queued_look = min(queued_look * 1.25, max_queued_look)
+                self.pause(queued_look)
+                continue
+            if processed and first_progress is None:
+                first_progress = (now, processed)
+            left = seconds_left(first_progress, now, processed, records) if first_progress else None
+            if left is not None and in_progress_seen is not None and not took \
+                    and RATE_SHARE * records <= processed - first_progress[1] \
+                    and self._first_job_early_close(records, closed, first_progress, now, processed, left,
+                                                    in_progress_seen=in_progress_seen, queued_seen=queued_seen):
+                return
+            # While the job counts its rows up, look again shortly before the rate says it ends, but never after
+            # more than the time the rate was measured over (a rate from two close looks can be far off); else back
+            # off. The partition's first job: ~8 looks instead of ~18.
+            self.pause(interval if left is None else
+                       max(MIN_POLL_S, min(LEFT_SHARE * left, now - first_progress[0])))
+            interval = min(interval * 1.25, self.poll_max_interval_s)
+
+    def _first_job_early_close(self, records: int, closed: float, first_progress: tuple[float, int], now: float,
+                               processed: int, left: float, *, in_progress_seen: float, queued_seen: float) -> bool:
+        """The partition's first job, counting its rows up: its rate over a quarter of the job tells how long a batch
+        takes, and its own close-to-InProgress the dequeue delay, so the second job can be closed early too (with a
+        30 s dequeue that is at once). An org that counts only whole batches shows no rate: the job is then waited
+        for. Returns whether the wait for the close is done."""
+        per_record = seconds_per_record(first_progress, now, processed) or 0.0
+        dequeue = in_progress_seen - closed
+        if dequeue + per_record * records < EARLY_CLOSE_MIN_TOOK_S:
+            return False
+        self._saw_dequeue(dequeue)
+        self.active_per_record = per_record
+        self.took_s = dequeue + per_record * records
+        # This once, the dequeue delay is known from one job only, to within a queued look (up to 2 s while a batch's
+        # length is unknown): the close counts with the shortest it can have been.
+        self._pause_until(now + left - min(self.dequeue_s, queued_seen - closed))
+        return True
+
+    # -- helpers -----------------------------------------------------------------------------------------------------
+    def _look(self, job_id: str, records: int, closed: float | None) -> tuple[float, str | None, int]:
+        """One status request: ``(now, state, processed)``, the state ``None`` once the job has processed all its rows
+        (then, for a job this attempt closed, what it took is recorded)."""
+        info = self.get_job(job_id)
+        now = self.clock()
+        state = info.get("state")
+        processed = int(info.get("numberRecordsProcessed") or 0)
+        if state in TERMINAL_STATES or processed >= records:
+            if closed is not None:
+                self.took_s = now - closed
+                # Never more than this attempt saw on its own clock (an emulator scaled in time reports modelled
+                # milliseconds; Salesforce's own figure is the smaller one anyway).
+                active = min(float(info.get("apiActiveProcessingTime") or 0) / 1000,
+                             self.took_s - (self.dequeue_s or 0.0))
+                self.active_per_record = max(0.0, active) / max(1, processed)
+            return now, None, processed
+        if processed:
+            self.counts_rows = True
+        return now, state, processed
+
+    def _max_queued_look(self, active: float) -> float:
+        if not active:
+            return MAX_QUEUED_LOOK_S
+        return min(MAX_QUEUED_LOOK_S, max(MIN_POLL_S, MAX_QUEUED_LOOK_SHARE * active))
+
+    def _saw_dequeue(self, seconds: float) -> None:
+        """A job left the queue at most ``seconds`` after its close: the dequeue delay is the shortest such figure."""
+        self.dequeue_s = seconds if self.dequeue_s is None else min(self.dequeue_s, seconds)
+
+    def _check_deadline(self, job_id: str, now: float, deadline: float) -> None:
+        if now > deadline:
+            raise AirflowException(f"{self.label}: Bulk job {job_id} STILL RUNNING at Salesforce after "
+                                   f"{self.job_timeout_s:.0f}s (not failed); a retry re-attaches to it")
+
+    def _pause_until(self, when: float) -> None:
+        seconds = when - self.clock()
+        if seconds > 0:
+            self.pause(seconds)
