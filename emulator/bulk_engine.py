@@ -34,7 +34,9 @@ their chunk's transaction. Two mechanisms produce ``UNABLE_TO_LOCK_ROW``:
 1. *Real waits* (timed profiles). A chunk acquires all its parents atomically from an org-wide lock table. If
    another running chunk holds one, it waits up to ``lock_wait_timeout_s`` (scaled); on timeout the whole chunk
    fails with ``UNABLE_TO_LOCK_ROW:unable to obtain exclusive access to this record or N records: <ids>:--``.
-   Chunks last 0.72 s in the realistic profile, so failures need real convoys on one Account.
+   Waiters are served in arrival order (:class:`ParentLocks`), so two batches on one Account take turns per
+   chunk. Chunks last 0.72 s in the realistic profile, so failures need real convoys on one Account (about 14
+   chunks queued ahead).
 2. *The contention knob* ``lock_contention_rate`` (0..1, any profile, set with ``PUT /__emulator/faults``). Every
    running batch registers the set of parent Accounts it touches. A chunk is exposed to contention in proportion
    to the share of its rows whose Account is also registered by *another* batch running at the same time (any
@@ -63,6 +65,7 @@ import csv
 import gc
 import hashlib
 import io
+import itertools
 import json
 import logging
 import random
@@ -249,26 +252,42 @@ class IdAllocator:
 
 # -- locks ------------------------------------------------------------------------------------------------------
 class ParentLocks:
-    """Org-wide parent-record locks; a chunk takes all of its parents at once or none (no deadlocks)."""
+    """Org-wide parent-record locks; a chunk takes all of its parents at once or none (no deadlocks).
+
+    Waiters are served in arrival order, as a database queues row-lock waiters: a chunk may take its parents only
+    when no chunk that asked earlier still waits for one of them. Without that, a batch whose next chunk asks again
+    right after its last one let go (no I/O in between, so no other thread runs) could hold an Account for as long
+    as it has rows of it, and a waiter that asked first would time out behind it.
+    """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._held: dict[str, object] = {}
+        self._waiting: dict[int, frozenset[str]] = {}  # ticket -> the ids that waiter wants, oldest first
+        self._tickets = itertools.count()
 
     def acquire(self, ids: list[str], owner: object, timeout: float) -> list[str]:
         """Contended ids if the wait timed out, else ``[]`` with every id held by ``owner``."""
         deadline = time.monotonic() + timeout
+        wanted = frozenset(ids)
         with self._cond:
-            while True:
-                busy = [i for i in ids if self._held.get(i, owner) is not owner]
-                if not busy:
-                    for i in ids:
-                        self._held[i] = owner
-                    return []
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return busy
-                self._cond.wait(remaining)
+            ticket = next(self._tickets)
+            self._waiting[ticket] = wanted
+            try:
+                while True:
+                    busy = [i for i in ids if self._held.get(i, owner) is not owner]
+                    ahead = set().union(*(w & wanted for t, w in self._waiting.items() if t < ticket))
+                    if not busy and not ahead:
+                        for i in ids:
+                            self._held[i] = owner
+                        return []
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return busy or sorted(ahead)
+                    self._cond.wait(remaining)
+            finally:
+                del self._waiting[ticket]
+                self._cond.notify_all()  # waiters behind this one may go now
 
     def release(self, ids: list[str], owner: object) -> None:
         with self._cond:
