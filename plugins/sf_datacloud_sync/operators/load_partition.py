@@ -489,18 +489,13 @@ class _PartitionRun:
         return still
 
     def wait_turn(self) -> None:
-        """Serial partitions: block until the next job may be closed (:mod:`~sf_datacloud_sync.utils.serial_pacing`).
-
-        The newest job is watched first and the older ones are asked only then, right before the close: by that
-        time they have long finished, so one look each both proves it and reads their final state (asked before
-        the newest, the previous job was usually a second from its end: two or three looks).
-        """
+        """Serial partitions: block until the next job may be closed (:mod:`~sf_datacloud_sync.utils.serial_pacing`)."""
         running = self.ledger.running_job_ids()
         if running:
+            records = {job_id: int(self.ledger.jobs[job_id]["records"]) for job_id in running}
             newest = running[-1]
-            self.pacer.wait_turn(newest, int(self.ledger.jobs[newest]["records"]), closed=self.closed_at.get(newest))
-        for job_id in running[:-1]:
-            self.pacer.wait_done(job_id, int(self.ledger.jobs[job_id]["records"]))
+            self.pacer.wait_turn(newest, records[newest], closed=self.closed_at.get(newest),
+                                 older=[(job_id, records[job_id]) for job_id in running[:-1]])
         # Not saved here: the close that follows records the ledger with these states.
 
     def _job_status(self, job_id: str) -> Mapping[str, Any]:
@@ -884,8 +879,9 @@ class LedgerBulk:
         run.record(lambda led: led.job_uploaded(job_id))
         if run.part.serial:
             run.wait_turn()
+        sent = time.monotonic()
         info = self.hook.close_job(job_id)  # if this fails the job stays Uploaded; the next attempt closes it
-        run.closed_at[job_id] = time.monotonic()
+        run.closed_at[job_id] = run.pacer.job_closed(sent, time.monotonic())
         run.record(lambda led: led.job_closed(job_id, info.get("state") or UPLOAD_COMPLETE))
         return info
 

@@ -19,9 +19,10 @@ class VirtualOrg:
     """One job closed at t=0, and the clock the pacer waits on."""
 
     def __init__(self, *, dequeue_s: float, batch_s: float = 36.0, thread_wait_s: float = 0.0,
-                 counts_rows: bool = True) -> None:
+                 counts_rows: bool = True, chunk_rows: int = 0) -> None:
         self.dequeue_s, self.batch_s, self.thread_wait_s, self.counts_rows = dequeue_s, batch_s, thread_wait_s, \
             counts_rows
+        self.chunk_rows = chunk_rows  # > 0: rows counted per transaction, each at its start (as the emulator does)
         self.now = 0.0
         self.looks: list[float] = []
 
@@ -35,6 +36,8 @@ class VirtualOrg:
             return {"id": job_id, "state": "JobComplete", "numberRecordsProcessed": ROWS,
                     "apiActiveProcessingTime": int(self.batch_s * 1000)}
         processed = int(t / self.batch_s * ROWS) if self.counts_rows else 0
+        if self.counts_rows and self.chunk_rows:
+            processed = min(ROWS, (int(t / self.batch_s * ROWS) // self.chunk_rows + 1) * self.chunk_rows)
         return {"id": job_id, "state": "InProgress", "numberRecordsProcessed": processed}
 
     def pause(self, seconds: float) -> None:
@@ -120,6 +123,70 @@ def test_a_batch_waiting_for_an_org_thread_is_not_counted_as_running(thread_wait
     end = 6.0 + thread_wait_s + 7.2
     assert end <= handover + 6.0 <= end + 1.0
     assert looks <= 3 + 2 * thread_wait_s
+
+
+def test_a_look_that_comes_after_the_batch_started_does_not_delay_the_next_close() -> None:
+    """The usual look comes just after the job left the queue, when its first 200-row transaction already counts.
+    Its batch started then, not at the look: the next job is closed to leave the queue when this batch ends, not a
+    transaction (0.72 s) later."""
+    org = VirtualOrg(dequeue_s=2.0, chunk_rows=200)
+    pacer = org.pacer(known_dequeue_s=2.0)
+    pacer.wait_turn("750J", ROWS, closed=0.0)
+    end = 2.0 + 36.0
+    assert end - 0.75 <= org.now + 2.0 <= end + 0.05
+    assert len(org.looks) == 1
+
+
+def test_a_partitions_batches_follow_each_other_closely() -> None:
+    """14 jobs closed one after the other, each queued 2.0-2.6 s (seeded), batches of 36 s counted per 200-row
+    transaction, every request a 0.3 s round trip: the next batch starts on average within 0.3 s of the previous
+    one's end, never more than about a transaction and the queue's spread before it, at under three status
+    requests per job."""
+    import random
+
+    rnd = random.Random(7)
+    rtt = 0.3
+    now = [0.0]
+    jobs: dict[str, tuple[float, float]] = {}  # id -> (when the org saw the close, queued for)
+    looks = [0]
+
+    def get_job(job_id: str) -> dict[str, Any]:
+        looks[0] += 1
+        now[0] += rtt  # the org answers as of half way
+        closed, dequeue = jobs[job_id]
+        t = now[0] - rtt / 2 - closed - dequeue
+        if t < 0:
+            return {"id": job_id, "state": "UploadComplete", "numberRecordsProcessed": 0}
+        if t >= 36.0:
+            return {"id": job_id, "state": "JobComplete", "numberRecordsProcessed": ROWS,
+                    "apiActiveProcessingTime": 36_000}
+        return {"id": job_id, "state": "InProgress",
+                "numberRecordsProcessed": (int(t / 36.0 * ROWS) // 200 + 1) * 200}
+
+    def pause(seconds: float) -> None:
+        assert seconds > 0
+        now[0] += seconds
+
+    pacer = SerialPacer(get_job=get_job, pause=pause, label="P00", poll_interval_s=5.0, poll_max_interval_s=30.0,
+                        job_timeout_s=3600, clock=lambda: now[0])
+    gaps, running = [], []
+    for n in range(14):
+        job_id = f"J{n}"
+        sent = now[0]
+        jobs[job_id] = (now[0] + rtt / 2, rnd.uniform(2.0, 2.6))  # the close request
+        now[0] += rtt
+        closed = pacer.job_closed(sent, now[0])
+        if n:
+            seen, dequeue = jobs[f"J{n - 1}"]
+            gaps.append(jobs[job_id][0] + jobs[job_id][1] - (seen + dequeue + 36.0))
+        running.append(job_id)
+        if n < 13:
+            pacer.wait_turn(job_id, ROWS, closed=closed, older=[(j, ROWS) for j in running[:-1]])
+            running = running[-1:]
+    later = gaps[2:]  # from the third job on: the first job's rate and dequeue delay are learnt by then
+    assert sum(later) / len(later) <= 0.3
+    assert min(gaps) >= -1.0
+    assert looks[0] <= 3 * 13
 
 
 def test_an_org_that_counts_whole_batches_only_is_waited_for_then_overlapped() -> None:
