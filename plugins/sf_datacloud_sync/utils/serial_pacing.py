@@ -47,6 +47,9 @@ MAX_QUEUED_LOOK_SHARE = 0.1
 OLDER_LOOK_LEAD_S = 1.0
 OLDER_LOOK_LEAD_SHARE = 0.1
 MAX_CLOSE_ROUND_TRIP_S = 1.0
+# The usual first look at a job comes this long after the dequeue delay (at most this share of a batch).
+USUAL_LOOK_LATE_S = 1.0
+USUAL_LOOK_LATE_SHARE = 0.03
 # Every so many jobs the first look comes at half the dequeue delay seen so far: an estimate inflated by one slow
 # dequeue (or a batch that waited for a thread) comes down again.
 PROBE_EVERY = 4
@@ -124,7 +127,11 @@ class SerialPacer:
         active = self.active_per_record * records
         max_queued_look = self._max_queued_look(active)
         dequeue = self.dequeue_s or 0.0
-        usual = closed + dequeue + MIN_POLL_S
+        # The dequeue delay is the shortest seen, so a look right after it often finds the job still queued. Where the
+        # org counts rows up, the look comes up to a second later: the batch's start then follows from its rows.
+        late = max(MIN_POLL_S, min(USUAL_LOOK_LATE_S, USUAL_LOOK_LATE_SHARE * active)) if self.counts_rows \
+            else MIN_POLL_S
+        usual = closed + dequeue + late
         self.watches += 1
         probe_step = 0.0
         if self.watches % PROBE_EVERY == 0:

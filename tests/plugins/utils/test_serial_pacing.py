@@ -137,6 +137,18 @@ def test_a_look_that_comes_after_the_batch_started_does_not_delay_the_next_close
     assert len(org.looks) == 1
 
 
+def test_a_queue_slower_than_the_shortest_seen_costs_no_extra_look() -> None:
+    """The dequeue delay the partition knows is the shortest it saw (2 s); this job waits 2.5 s. The usual look comes
+    a second after the known delay, finds it InProgress and its first rows counted: one request, and the batch's start
+    follows from its rows. The next job is closed 2 s before this one ends: half a second late, not early."""
+    org = VirtualOrg(dequeue_s=2.5, chunk_rows=200)
+    pacer = org.pacer(known_dequeue_s=2.0)
+    pacer.wait_turn("750J", ROWS, closed=0.0)
+    assert len(org.looks) == 1
+    end = 2.5 + 36.0
+    assert end - 0.75 <= org.now + 2.5 <= end + 0.6
+
+
 def test_a_partitions_batches_follow_each_other_closely() -> None:
     """14 jobs closed one after the other, each queued 2.0-2.6 s (seeded), batches of 36 s counted per 200-row
     transaction, every request a 0.3 s round trip: the next batch starts on average within 0.3 s of the previous
