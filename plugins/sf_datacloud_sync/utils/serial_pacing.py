@@ -7,13 +7,15 @@ its close to its end, how long the org keeps a closed job queued (the dequeue de
 
 Every job but the newest must have processed all its rows. The newest one must too, except once the org has shown
 that a job takes long from its close to its end (at least :data:`EARLY_CLOSE_MIN_TOOK_S`): then the next job is closed
-one dequeue delay before the newest is expected to end. That is counted from the look that first saw it InProgress (it
-started before that look; the dequeue delay is the shortest close-to-InProgress seen) or, where its batch then still
-waited for an org thread (InProgress, no row processed), from when its rows started to count. A job still queued is
-waited for. So the next batch starts when this one ends, give or take a look; two batches of one Account that meet take
-turns per 200-row transaction, with lock waits far below Salesforce's 10 s timeout. The partition's first job gives
-both figures early when the org counts its rows up as it goes: its rate over a quarter of its rows, and its own
-close-to-InProgress.
+one dequeue delay (the shortest close-to-InProgress seen) before the newest is expected to end. Its end is counted from
+when its batch started: ``numberRecordsProcessed`` rows before a look, never before a look that saw it queued or
+InProgress with no row yet (its batch waiting for an org thread); where the org counts only whole batches, from the
+look that saw it InProgress. A batch that started sooner after its close than the dequeue delay seen shows a quicker
+queue: the next close then comes one batch after this one's. A batch's length is the partition's first job's rate
+(measured over a quarter of its rows, when the org counts rows up as it goes) until an older job's own
+``apiActiveProcessingTime`` corrects it. So the next batch starts when this one ends, give or take the queue's spread;
+two batches of one Account that meet take turns per 200-row transaction (a database queues row-lock waiters in order;
+the emulator does too), with lock waits far below Salesforce's 10 s timeout.
 
 The pacer does no I/O of its own: it looks at a job through ``get_job`` and waits through ``pause`` (which raises when
 the task is stopped), on the ``clock`` it is given.
