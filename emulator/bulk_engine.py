@@ -273,6 +273,7 @@ class ParentLocks:
         with self._cond:
             ticket = next(self._tickets)
             self._waiting[ticket] = wanted
+            got = False
             try:
                 while True:
                     busy = [i for i in ids if self._held.get(i, owner) is not owner]
@@ -280,6 +281,7 @@ class ParentLocks:
                     if not busy and not ahead:
                         for i in ids:
                             self._held[i] = owner
+                        got = True
                         return []
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -287,7 +289,8 @@ class ParentLocks:
                     self._cond.wait(remaining)
             finally:
                 del self._waiting[ticket]
-                self._cond.notify_all()  # waiters behind this one may go now
+                if not got:  # leaving without them: waiters queued behind this one only may go now
+                    self._cond.notify_all()
 
     def release(self, ids: list[str], owner: object) -> None:
         with self._cond:

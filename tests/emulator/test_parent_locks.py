@@ -62,3 +62,27 @@ def test_two_batches_on_one_account_take_turns_instead_of_one_timing_out() -> No
     for t in threads:
         t.join(30)
     assert failures == []
+
+
+def test_a_waiter_that_gives_up_lets_the_one_queued_behind_it_go() -> None:
+    """W1 waits for ACC-1 (held) and ACC-2 (free); W2, queued after it, wants only ACC-2 and so waits behind W1. When
+    W1 times out, W2 is woken and takes ACC-2 at once, not at the end of its own, longer wait."""
+    locks, holder = ParentLocks(), object()
+    assert locks.acquire(["ACC-1"], holder, 0) == []
+    results: dict[str, list[str]] = {}
+    first = threading.Thread(target=lambda: results.update(w1=locks.acquire(["ACC-1", "ACC-2"], object(), 0.2)))
+    first.start()
+    _waiting(locks, 1)
+    done: list[float] = []
+
+    def second() -> None:
+        results["w2"] = locks.acquire(["ACC-2"], object(), 5)
+        done.append(time.monotonic())
+
+    started = time.monotonic()
+    thread = threading.Thread(target=second)
+    thread.start()
+    first.join(5)
+    thread.join(5)
+    assert results == {"w1": ["ACC-1"], "w2": []}
+    assert done[0] - started < 2  # woken when W1 gave up (0.2 s), not after its own 5 s

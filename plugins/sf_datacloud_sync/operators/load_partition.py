@@ -499,6 +499,7 @@ class _PartitionRun:
         # Not saved here: the close that follows records the ledger with these states.
 
     def _job_status(self, job_id: str) -> Mapping[str, Any]:
+        """Ask Salesforce for one job's state and record it in the ledger."""
         info = self.op.bulk.get_job(job_id)
         with self.lock:
             self.ledger.job_status(job_id, info)
@@ -513,8 +514,9 @@ class _PartitionRun:
         for job_id in self.ledger.running_job_ids():
             info = jobs.get(job_id)
             if info is None:
-                info = self.op.bulk.get_job(job_id)
-            self.ledger.job_status(job_id, info)
+                self._job_status(job_id)
+            else:
+                self.ledger.job_status(job_id, info)
 
     # -- 4. results and follow-ups -------------------------------------------------------------------------------
     def check_fatal(self) -> None:

@@ -142,25 +142,25 @@ class SerialPacer:
         else:
             self._pause_until(usual)
         queued_look = MIN_POLL_S
-        in_progress_seen: float | None = None
+        left_queue = False
         not_started = closed  # the last look that saw its batch not started yet (queued, or InProgress with no row)
         while True:
             now, state, processed = self._look(job_id, records, closed)
             if state is None:
                 return now, 0
             if state == IN_PROGRESS:
-                if in_progress_seen is None:
-                    in_progress_seen = now  # it left the queue before this look
+                if not left_queue:
+                    left_queue = True
+                    self._saw_dequeue(now - closed)  # it left the queue before this look
                 probe_step = 0.0
-                self._saw_dequeue(in_progress_seen - closed)
                 if processed or not self.counts_rows:
                     # Its batch started ``processed`` rows ago (an org that counts whole batches only: at this look),
                     # and after the last look that saw it not started; it ends ``active`` later. The next job, closed
                     # a dequeue delay before that, cannot start earlier. A batch that started sooner after its close
                     # than that delay shows the queue was quicker this time: the next close then comes ``active``
                     # after this one's. (Counted from this look instead, a look a chunk late, 200 rows or 0.72 s,
-                    # closed the next job that much late: 0.8 s between a partition's batches on average at a 2 s
-                    # dequeue on an idle org.)
+                    # closed the next job that much late: 0.8 s between a partition's batches on average at ×1 with a
+                    # 2 s dequeue.)
                     batch_started = max(not_started, now - processed * self.active_per_record)
                     return batch_started - min(self.dequeue_s, batch_started - closed), records
                 # Else InProgress with no row processed: its batch still waits for an org thread and its end is not

@@ -209,13 +209,14 @@ def test_an_org_that_counts_whole_batches_only_is_waited_for_then_overlapped() -
     # Looks back off by 1.25x: the end is seen at most a quarter of the time since the close late.
     assert 38.0 <= pacer.took_s <= 1.25 * 38.0
 
-    second = VirtualOrg(dequeue_s=2.0, counts_rows=False)
-    pacer.get_job, pacer.pause, pacer.clock = second.get_job, second.pause, lambda: second.now
-    pacer.wait_turn("750J", ROWS, closed=0.0)
+    looks = len(org.looks)
+    closed = pacer.job_closed(*org.close("750K", 2.0))
+    pacer.wait_turn("750K", ROWS, closed=closed)
     # Watched while queued (the dequeue delay is not known yet), seen InProgress within a short look; its end follows
     # from the last job's batch: the third job, closed at the handover, leaves the queue when this one ends.
-    assert len(second.looks) <= 8 and 2.0 <= pacer.dequeue_s <= 2.7
-    assert 38.0 <= second.now + 2.0 <= 38.0 + 0.7
+    assert len(org.looks) - looks <= 8 and 2.0 <= pacer.dequeue_s <= 2.7
+    end = org.started("750K") + 36.0
+    assert end <= org.now + 2.0 <= end + 0.7
 
 
 def test_quick_jobs_are_waited_for_to_their_end() -> None:
