@@ -530,6 +530,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lock-contention", type=float, default=0.0,
                    help="set_faults(lock_contention_rate=R); the DAG then also runs with partition_key=external_id")
     p.add_argument("--partitions", type=int, default=None, help="DAG param 'partitions' (default: the DAG's)")
+    p.add_argument("--partitions-per-task", type=int, default=None,
+                   help="DAG param 'partitions_per_task' (default: the DAG's)")
     p.add_argument("--smoke", action="store_true", help="20,000 rows, instant, 4 partitions; writes only --output")
     p.add_argument("--output", type=Path, default=None, help="results JSON (default bench/results/<date>.json)")
     p.add_argument("--no-readme", action="store_true", help="do not update README.md")
@@ -553,6 +555,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rows = args.rows or 2_000_000
     args.profile = args.profile or ["instant"]
     args.dag_conf = {"partitions": args.partitions} if args.partitions else {}
+    if args.partitions_per_task:
+        args.dag_conf["partitions_per_task"] = args.partitions_per_task
     return args
 
 

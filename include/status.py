@@ -180,6 +180,8 @@ def _num(value: Any) -> str:
 def _range(p: Mapping[str, Any] | None) -> str:
     if not p:
         return ""
+    if p.get("members"):
+        return f"{len(p['members'])} lanes from {_range(p['members'][0])}"
     if p.get("null_bucket"):
         return "NULL"
     lo = "−∞" if p.get("lower") is None else str(p["lower"])

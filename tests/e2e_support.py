@@ -29,7 +29,7 @@ DC_COLUMNS = ("ExternalId__c", "AccountExternalId__c", "Name__c", "StageName__c"
 SF_COLUMNS = ("o.ExternalId__c", "a.ExternalId__c", "o.Name", "o.StageName", "o.CloseDate", "o.Amount",
               "o.Probability", "o.Type", "o.LeadSource", "o.Description")
 DEFAULT_CONF: dict[str, Any] = {"partitions": 4, "target_partition_rows": None, "partition_key": "account",
-                                "max_records_per_job": 100_000, "dry_run": False, "tolerance": 0}
+                                "max_records_per_job": 100_000, "dry_run": False, "tolerance": 0, "partitions_per_task": 1}
 #: Test-speed timings of the load settings (production waits seconds to minutes).
 FAST_LOAD = {"transient_backoff_s": 0.05, "transient_retry_budget": 10, "poll_interval_s": 0.1, "poll_max_interval_s": 0.5}
 

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sf_datacloud_sync.utils.partitions import Partition, quote_ident, value_list
+from sf_datacloud_sync.utils.partitions import Partition, group_partitions, quote_ident, value_list
 
 if TYPE_CHECKING:
     from sf_datacloud_sync.config import SyncConfig
@@ -595,11 +595,17 @@ class Discovery:
 
 
 def discover(cfg: SyncConfig, datacloud: _DataCloud, salesforce: _Salesforce, *, partition_key: str,
-             partitions: int, target_partition_rows: int | None = None) -> Discovery:
-    """Validate, then plan. Reads only; safe to run at any time (also what ``dry_run`` relies on)."""
+             partitions: int, target_partition_rows: int | None = None, partitions_per_task: int = 1) -> Discovery:
+    """Validate, then plan. Reads only; safe to run at any time (also what ``dry_run`` relies on).
+
+    ``partitions_per_task`` > 1 (``partition_key=account`` only): the serial partitions are loaded in groups of that
+    many, one task per group, each Bulk job holding one internal batch of each (:func:`group_partitions`).
+    """
     if partition_key not in PARTITION_KEY_CHOICES:
         raise DiscoveryError([f"params.partition_key: must be one of {', '.join(PARTITION_KEY_CHOICES)}, "
                               f"got {partition_key!r}"])
+    if partitions_per_task < 1:
+        raise DiscoveryError([f"params.partitions_per_task: must be at least 1, got {partitions_per_task}"])
     warnings = validate(cfg, datacloud, salesforce)
     column = cfg.account_column if partition_key == "account" else cfg.key_column
     lanes: list[list[tuple[str, int]]] = []
@@ -628,6 +634,8 @@ def discover(cfg: SyncConfig, datacloud: _DataCloud, salesforce: _Salesforce, *,
         planned = plan_serial(distribution, partition_key, lanes=lanes, partitions=wanted, batch_rows=batch_rows)
     if planned is None:
         planned = plan_partitions(distribution, partition_key, lanes=lanes)
+    if partition_key == "account":
+        planned = group_partitions(planned, partitions_per_task)
     # The totals verify reconciles against cover the lanes' rows too.
     distribution = dataclasses.replace(distribution, total_rows=distribution.total_rows + lane_rows,
                                        unkeyed_rows=distribution.unkeyed_rows + lane_unkeyed,
@@ -690,7 +698,8 @@ def run_discover(params: Mapping[str, Any], ti: Any, config_path: str | None = N
     try:
         result = discover(cfg, datacloud, salesforce, partition_key=str(params["partition_key"]),
                           partitions=int(params["partitions"]),
-                          target_partition_rows=int(target) if target not in (None, "", 0) else None)
+                          target_partition_rows=int(target) if target not in (None, "", 0) else None,
+                          partitions_per_task=int(params.get("partitions_per_task") or 1))
     except DiscoveryError as exc:
         raise AirflowFailException(str(exc)) from exc
     finally:

@@ -49,6 +49,8 @@ def _partition_of(item: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _range_text(p: Mapping[str, Any]) -> str:
+    if p.get("members"):
+        return " + ".join(_range_text(m) for m in p["members"])
     if p.get("null_bucket"):
         return f"{p.get('key', '')} IS NULL"
     lo = "-inf" if p.get("lower") is None else repr(p["lower"])

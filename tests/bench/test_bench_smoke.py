@@ -52,7 +52,7 @@ def test_smoke_all_contenders_fully_upserted(tmp_path: Path) -> None:
         assert r["client_cpu_s"] > 0 and r["client_peak_rss_mb"] > 0
     dag = next(r for r in results if r["contender"] == "dag")
     assert dag["details"]["result"]["state"] == "success"
-    assert dag["details"]["result"]["partitions"] == 4
+    assert dag["details"]["result"]["partitions"] == 1  # 4 partitions in one task (partitions_per_task 5)
     assert dag["details"]["result"]["upserted"] == 20_000
     replaced = next(r for r in results if r["contender"] == "replaced")
     assert replaced["bulk_jobs"] == 10  # 20,000 rows in 2,000-row jobs

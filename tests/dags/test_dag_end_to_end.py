@@ -169,6 +169,18 @@ def test_every_row_arrives_field_by_field(dag: Any, fresh_org: EmulatorProcess, 
     assert_bad_rows_in_artifacts(fresh_org, summary)
 
 
+def test_partitions_per_task_loads_groups_of_partitions(dag: Any, fresh_org: EmulatorProcess) -> None:
+    """Four serial partitions in two tasks: every row arrives, every bad row is reported, verify reconciles per task."""
+    dr = run(dag, fresh_org, partitions=4, partitions_per_task=2)
+    summary = assert_green(dr, fresh_org)
+    groups = [p["partition"] for p in xcom(dr, "discover")]
+    assert [len(g["members"]) for g in groups] == [2, 2]
+    labels = {ti.map_index: ti.rendered_map_index for ti in dr.get_task_instances() if ti.task_id == "load_partition"}
+    assert labels == {g["index"]: g["label"] for g in groups} and all(" 2 lanes " in g["label"] for g in groups)
+    assert_every_row_matches(fresh_org)
+    assert_bad_rows_in_artifacts(fresh_org, summary)
+
+
 def test_second_night_updates_in_place(dag: Any, fresh_org: EmulatorProcess) -> None:
     """Running again over a loaded org changes nothing in the counts: upserts update, verify stays exact."""
     assert_green(run(dag, fresh_org, partitions=3), fresh_org)

@@ -98,7 +98,7 @@ def test_deadline_alert(dag) -> None:
 def test_param_defaults_validate(dag) -> None:
     values = dag.params.validate()
     assert values == {"partitions": 15, "target_partition_rows": None, "partition_key": "account",
-                      "max_records_per_job": 100_000, "dry_run": False, "tolerance": 0}
+                      "max_records_per_job": 100_000, "dry_run": False, "tolerance": 0, "partitions_per_task": 5}
     for name, param in dag.params.items():
         p = dag.params.get_param(name)
         assert p.schema.get("title") and p.description, name

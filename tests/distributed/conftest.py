@@ -48,7 +48,7 @@ def distributed(request: pytest.FixtureRequest) -> Iterator[DistributedRun]:
 def sync_run(distributed: DistributedRun, request: pytest.FixtureRequest) -> SyncRun:
     stack = distributed.airflow
     assert stack is not None
-    conf = {"partitions": PARTITIONS, "partition_key": "account"}
+    conf = {"partitions": PARTITIONS, "partition_key": "account", "partitions_per_task": 1}  # a task per partition
     t0 = time.monotonic()
     run_id = stack.trigger(conf, note="make test-distributed")
     distributed.say(f"triggered {run_id} with {conf}")

@@ -529,6 +529,31 @@ def test_lanes_count_towards_the_partitions_and_are_topped_up_to_whole_batches()
     assert [(p.accounts, p.expected_rows) for p in few] == [(("WHALE", "BIG"), 90), ((), 90)]
 
 
+def test_partitions_per_task_groups_serial_partitions_of_similar_size() -> None:
+    """The 5 serial partitions of the plan above in tasks of 2: the two 60-row partitions together, then the 20-row
+    ranges; each group covers exactly its members' rows and resumes only ledgers written for the same members."""
+    conn = _lane_rows()
+    plain = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
+                     partitions=5).partitions
+    groups = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
+                      partitions=5, partitions_per_task=2).partitions
+    assert [[m.label for m in g.members] for g in groups] == [[p.label for p in plain[:2]], [p.label for p in plain[2:4]],
+                                                              [plain[4].label]]
+    assert [(g.index, g.count, g.expected_rows) for g in groups] == [(0, 3, 120), (1, 3, 40), (2, 3, 20)]
+    assert groups[0].label == "P00 2 lanes WHALE, BIG" and groups[1].label == "P01 2 lanes SMALL-30, SMALL-50"
+    assert all(g.serial for g in groups) and Partition.from_dict(groups[0].to_dict()) == groups[0]
+    for value in ("WHALE", "BIG", "SMALL-10", "SMALL-30", "SMALL-49", "SMALL-70", None):
+        assert [g.contains(value) for g in groups] == [any(m.contains(value) for m in g.members) for g in groups]
+    assert groups[0].bounds != groups[1].bounds != plain[0].bounds
+    # external_id partitions run big parallel jobs already: never grouped.
+    by_key = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="external_id",
+                      partitions=5, partitions_per_task=2).partitions
+    assert not any(p.members for p in by_key)
+    with pytest.raises(DiscoveryError, match="partitions_per_task"):
+        discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account", partitions=5,
+                 partitions_per_task=0)
+
+
 def test_fewer_batches_than_partitions_split_evenly() -> None:
     """8 batches of 25 rows for 10 partitions: whole batches would leave partitions idle, so the ranges share the
     rows evenly (the lanes as they are) and every partition asked for gets work."""

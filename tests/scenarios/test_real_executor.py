@@ -302,7 +302,7 @@ def test_marking_the_run_failed_aborts_every_open_job(airflow_rx: Standalone, rx
     org.set_faults(rules=[{"path": r"/ssot/query-sql/[^/]+/rows", "status": 0, "latency_ms": 600, "rate": 1.0}])
     try:
         run_id = airflow_rx.trigger(partitions=2, partition_key="account", max_records_per_job=200,
-                                    target_partition_rows=None, dry_run=False, tolerance=0)
+                                    target_partition_rows=None, dry_run=False, tolerance=0, partitions_per_task=1)
         deadline = time.monotonic() + 240
         while True:
             assert time.monotonic() < deadline, airflow_rx.task_instances(run_id)
@@ -341,7 +341,7 @@ def start_run_to_stop(airflow_rx: Standalone, org: EmulatorProcess) -> str:
     org.reset()
     org.control("PUT", "profile", {"name": "instant", "per_record_ms": 200, "chunk_records": 5})
     return airflow_rx.trigger(partitions=2, partition_key="account", max_records_per_job=2_000,
-                              target_partition_rows=None, dry_run=False, tolerance=0)
+                              target_partition_rows=None, dry_run=False, tolerance=0, partitions_per_task=1)
 
 
 def partition_logs(airflow_rx: Standalone, run_id: str) -> Path:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from sf_datacloud_sync.hooks.datacloud import DataCloudHook
     from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
     from sf_datacloud_sync.utils.artifacts import FailedRowsArtifact
+    from sf_datacloud_sync.utils.csv_encoder import CsvChunk
     from sf_datacloud_sync.utils.transfer import SubmittedJob
 
 #: Job-level ``errorMessage`` prefixes (``"TooManyLockFailure : ..."``) after which the unprocessed rows are worth
@@ -257,8 +258,6 @@ class LoadPartitionOperator(BaseOperator):
 
     # -- dry run -------------------------------------------------------------------------------------------------
     def _dry_run(self, context: Mapping[str, Any]) -> dict[str, Any]:
-        from sf_datacloud_sync.utils.csv_encoder import iter_chunks
-
         started = time.monotonic()
         part = Partition.from_dict(self.partition)
         cfg = self.config
@@ -266,12 +265,10 @@ class LoadPartitionOperator(BaseOperator):
         if problems:
             raise AirflowFailException(f"{part.label}: the CSV header does not fit {cfg.target_object}:\n  - "
                                        + "\n  - ".join(problems))
-        source = SourceRows(self.datacloud, part, cfg, after=None, log=self.log)
+        source = open_source(self.datacloud, part, cfg, after=None, log=self.log)
         chunks = nbytes = 0
         try:
-            for chunk in iter_chunks(source, cfg.target_fields, self.job_records(part), cfg.load.max_bytes_per_job,
-                                     key_func=source.key_of, column_types=source.types,
-                                     line_ending=cfg.load.line_ending):
+            for chunk in source.chunks(self.job_records(part), cfg.load.max_bytes_per_job):
                 chunks += 1
                 nbytes += chunk.nbytes
                 self.log.info("%s dry run: read %d/%d rows, %d jobs would be created (%d bytes)", part.label,
@@ -306,7 +303,7 @@ class _PartitionRun:
         self.aborted: set[str] = set()
         self.closed_at: dict[str, float] = {}  # serial partitions: when this attempt closed each job
         load = self.cfg.load
-        self.pacer = SerialPacer(get_job=self._job_status, pause=self._pause, label=self.label,
+        self.pacer = SerialPacer(get_job=self._paced_job_status, pause=self._pause, label=self.label,
                                  poll_interval_s=load.poll_interval_s, poll_max_interval_s=load.poll_max_interval_s,
                                  job_timeout_s=load.job_timeout_s)
         self._last_line = ""
@@ -428,7 +425,7 @@ class _PartitionRun:
 
     # -- 2. stream ---------------------------------------------------------------------------------------------------
     def stream_source(self) -> None:
-        from sf_datacloud_sync.utils.transfer import stream_rows_to_jobs
+        from sf_datacloud_sync.utils.transfer import DEFAULT_SPOOL_BYTES, stream_chunks_to_jobs
 
         cfg = self.cfg
         ledger = self.ledger
@@ -438,13 +435,14 @@ class _PartitionRun:
         self.save()
         self.log.info("%s: streaming rows from Data Cloud %s (%d rows already at Salesforce)", self.label,
                       f"after key {after!r}" if after is not None else "from the start", base)
-        source = SourceRows(self.op.datacloud, self.part, cfg, after=after, log=self.log)
+        source = open_source(self.op.datacloud, self.part, cfg, after=after, log=self.log)
         bulk = LedgerBulk(self.op.bulk, self, round_=0)
         try:
-            for _job in stream_rows_to_jobs(
-                bulk, source, object_name=cfg.target_object, external_id_field=cfg.external_id_field,
-                header=cfg.target_fields, column_types=source.types, key_func=source.key_of,
-                max_records_per_job=self.op.job_records(self.part), max_bytes_per_job=cfg.load.max_bytes_per_job,
+            chunks = source.chunks(self.op.job_records(self.part),
+                                   min(cfg.load.max_bytes_per_job, bulk.max_upload_bytes),
+                                   spool_threshold=DEFAULT_SPOOL_BYTES)
+            for _job in stream_chunks_to_jobs(
+                bulk, chunks, object_name=cfg.target_object, external_id_field=cfg.external_id_field,
                 line_ending=cfg.load.line_ending, on_job_submitted=self._submitted, on_job_created=bulk.job_created,
             ):
                 self.progress(read=base + source.read)
@@ -492,11 +490,28 @@ class _PartitionRun:
         """Serial partitions: block until the next job may be closed (:mod:`~sf_datacloud_sync.utils.serial_pacing`)."""
         running = self.ledger.running_job_ids()
         if running:
-            records = {job_id: int(self.ledger.jobs[job_id]["records"]) for job_id in running}
+            records = {job_id: self._batch_view(int(self.ledger.jobs[job_id]["records"])) for job_id in running}
             newest = running[-1]
             self.pacer.wait_turn(newest, records[newest], closed=self.closed_at.get(newest),
                                  older=[(job_id, records[job_id]) for job_id in running[:-1]])
         # Not saved here: the close that follows records the ledger with these states.
+
+    def _batch_view(self, records: int) -> int:
+        """The rows of a job's longest internal batch: a group's job runs one batch per member side by side."""
+        return min(records, self.cfg.load.serial_job_records)
+
+    def _paced_job_status(self, job_id: str) -> Mapping[str, Any]:
+        """A job's state as the pacer sees it: one batch (:meth:`_batch_view`). A group's job counts the rows of all its
+        batches, which run side by side: its counts are scaled down to one batch's (the org's
+        ``apiActiveProcessingTime`` is the sum over the batches, so per row it stays the same)."""
+        info = self._job_status(job_id)
+        records = int((self.ledger.jobs.get(job_id) or {}).get("records") or 0)
+        view = self._batch_view(records)
+        if records <= view:
+            return info
+        scale = view / records
+        return {**info, "numberRecordsProcessed": round(int(info.get("numberRecordsProcessed") or 0) * scale),
+                "apiActiveProcessingTime": float(info.get("apiActiveProcessingTime") or 0) * scale}
 
     def _job_status(self, job_id: str) -> Mapping[str, Any]:
         """Ask Salesforce for one job's state and record it in the ledger."""
@@ -826,8 +841,71 @@ class SourceRows:
                 self._result.close()
                 self._result = self._query()
 
+    def chunks(self, max_records: int, max_bytes: int, *,
+               spool_threshold: int | None = None) -> Iterator[CsvChunk]:
+        """The rows as job CSVs of at most ``max_records`` rows (``first_key``/``last_key``: ordering keys)."""
+        from sf_datacloud_sync.utils.csv_encoder import iter_chunks
+
+        cfg = self.cfg
+        return iter_chunks(self, cfg.target_fields, max_records, max_bytes, key_func=self.key_of,
+                           column_types=self.types, line_ending=cfg.load.line_ending, spool_threshold=spool_threshold)
+
     def close(self) -> None:
         self._result.close()
+
+
+class GroupRows:
+    """The rows of a group's members (``Partition.members``), one :class:`SourceRows` each, as job CSVs that hold one
+    batch of each member (:func:`~sf_datacloud_sync.utils.csv_encoder.iter_lane_chunks`).
+
+    ``after`` (the ledger's committed key) is one ``{"after": key, "sent": rows}`` per member, or ``None``.
+    """
+
+    def __init__(self, hook: DataCloudHook, part: Partition, cfg: SyncConfig, *, after: Any, log: Any) -> None:
+        from sf_datacloud_sync.utils.csv_encoder import Lane
+
+        self.cfg = cfg
+        marks = after if after is not None else [None] * len(part.members)
+        if len(marks) != len(part.members):
+            raise AirflowFailException(f"{part.label}: the ledger holds {len(marks)} stream positions for "
+                                       f"{len(part.members)} partitions")
+        self.sources: list[SourceRows] = []
+        self.lanes: list[Lane] = []
+        try:
+            for member, mark in zip(part.members, marks, strict=True):
+                mark = mark or {"after": None, "sent": 0}
+                source = SourceRows(hook, member, cfg, after=mark["after"], log=log)
+                self.sources.append(source)
+                self.lanes.append(Lane(source, source.key_of, position=mark["after"], sent=int(mark["sent"]),
+                                       expected=member.expected_rows))
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def read(self) -> int:
+        return sum(source.read for source in self.sources)
+
+    def chunks(self, max_records: int, max_bytes: int, *,
+               spool_threshold: int | None = None) -> Iterator[CsvChunk]:
+        """Job CSVs of one batch of at most ``max_records`` rows per member (``first_key``/``last_key``: the marks)."""
+        from sf_datacloud_sync.utils.csv_encoder import iter_lane_chunks
+
+        types = next((source.types for source in self.sources if source.types), None)
+        return iter_lane_chunks(self.lanes, self.cfg.target_fields, max_records, max_bytes, column_types=types,
+                                line_ending=self.cfg.load.line_ending, spool_threshold=spool_threshold)
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+
+def open_source(hook: DataCloudHook, part: Partition, cfg: SyncConfig, *, after: Any,
+                log: Any) -> SourceRows | GroupRows:
+    """The partition's rows, resuming after ``after`` (the ledger's committed key)."""
+    if part.members:
+        return GroupRows(hook, part, cfg, after=after, log=log)
+    return SourceRows(hook, part, cfg, after=after, log=log)
 
 
 # -- the Bulk hook as the stream sees it ---------------------------------------------------------------------------

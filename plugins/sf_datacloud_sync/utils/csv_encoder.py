@@ -409,3 +409,90 @@ def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_record
             yield chunk.take()
     if chunk.records:
         yield chunk.take()
+
+
+@dataclass
+class Lane:
+    """One serial partition's rows as :func:`iter_lane_chunks` takes them.
+
+    :param rows: Row tuples in header order, in the partition's key order.
+    :param key_func: A row's key (its position in the partition).
+    :param position: The key of the last row already sent (``None``: none yet); moves as rows are taken.
+    :param sent: Rows already sent; grows as rows are taken.
+    :param expected: Rows the lane is expected to hold in all (orders the lanes of a step; never trusted for counts).
+    """
+
+    rows: Iterable[Sequence[Any]]
+    key_func: Callable[[Sequence[Any]], Any]
+    position: Any = None
+    sent: int = 0
+    expected: int = 0
+
+    @property
+    def mark(self) -> dict[str, Any]:
+        """Where the lane resumes: ``{"after": key, "sent": rows}``."""
+        return {"after": self.position, "sent": self.sent}
+
+
+def iter_lane_chunks(lanes: Sequence[Lane], header: Sequence[str], batch_records: int, max_bytes: int, *,
+                     column_types: Sequence[str | None] | None = None, null_as: str = "#N/A",
+                     line_ending: str = "LF", delimiter: str = "COMMA", batch_rows: int = 2_000,
+                     spool_threshold: int | None = None) -> Iterator[CsvChunk]:
+    """One chunk per step of several serial partitions: up to ``batch_records`` rows of each lane, one after the other.
+
+    Salesforce cuts a job's CSV into internal batches of 10,000 records in file order and runs them side by side. With
+    ``batch_records`` that size, each lane's rows of a step are one batch of their own, so two batches of one lane
+    never run at once (they are in consecutive jobs, which the caller paces). Lanes expected to fill a whole batch
+    come first: a lane that ends within a step can only push the ones after it across a batch boundary, and those
+    are the other lanes ending in the same step (their few rows in a neighbouring batch may wait for a row lock).
+
+    A chunk's ``first_key`` and ``last_key`` are the list of every lane's :attr:`Lane.mark` after its first and last
+    rows: where each lane resumes once the chunk is at Salesforce. A step over ``max_bytes`` is cut where it
+    reaches it and goes on in the next chunk.
+    """
+    if batch_records < 1:
+        raise ValueError("batch_records must be at least 1")
+    encoder = CsvEncoder(header, column_types, null_as=null_as, line_ending=line_ending, delimiter=delimiter)
+    if len(encoder.header_bytes) >= max_bytes:
+        raise ValueError(f"the header alone ({len(encoder.header_bytes)} bytes) does not fit in max_bytes={max_bytes}")
+    sources = [iter(lane.rows) for lane in lanes]
+    live = list(range(len(lanes)))
+    chunk = _ChunkBuilder(encoder.header_bytes, spool_threshold)
+    while live:
+        left = {i: lanes[i].expected - lanes[i].sent for i in live}
+        for i in sorted(live, key=lambda i: (left[i] < batch_records, -left[i], i)):
+            lane, taken = lanes[i], 0
+            while taken < batch_records:
+                rows = list(itertools.islice(sources[i], min(batch_rows, batch_records - taken)))
+                if not rows:
+                    live.remove(i)
+                    break
+                taken += len(rows)
+                for data, n, last in _fitting(encoder, rows, lane, chunk, max_bytes):
+                    if data is None:
+                        yield chunk.take()
+                        continue
+                    lane.position = last
+                    lane.sent += n
+                    marks = [x.mark for x in lanes]
+                    chunk.add(data, n, marks, marks)
+        if chunk.records:
+            yield chunk.take()
+
+
+def _fitting(encoder: CsvEncoder, rows: list[Sequence[Any]], lane: Lane, chunk: _ChunkBuilder,
+             max_bytes: int) -> Iterator[tuple[bytes | None, int, Any]]:
+    """``rows`` as encoded pieces ``(data, rows, last key)`` that fit the chunk; ``(None, 0, None)`` where the chunk
+    is full and must be taken first."""
+    data = encoder.encode_rows(rows)
+    if chunk.nbytes + len(data) <= max_bytes:
+        yield data, len(rows), lane.key_func(rows[-1])
+        return
+    for row in rows:  # once per chunk at most: place the rows one by one
+        line = encoder.encode_rows([row])
+        if len(encoder.header_bytes) + len(line) > max_bytes:
+            raise ValueError(f"a row of {len(line)} bytes (key {lane.key_func(row)!r}) does not fit in "
+                             f"max_bytes={max_bytes} with the header")
+        if chunk.nbytes + len(line) > max_bytes:
+            yield None, 0, None
+        yield line, 1, lane.key_func(row)

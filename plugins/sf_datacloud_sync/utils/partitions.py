@@ -1,5 +1,6 @@
 """Partitions of the source key space: half-open ranges open at both ends, plus a bucket for NULL keys, plus
-(with ``partition_key=account``) *lanes*: explicit lists of large Accounts loaded on their own.
+(with ``partition_key=account``) *lanes*: explicit lists of large Accounts loaded on their own, and *groups*: several
+serial partitions loaded by one task, one internal batch of each per Bulk job (``members``).
 
 A partition travels through XCom as a small dict (``Partition.to_dict``); it never carries rows.
 """
@@ -20,6 +21,8 @@ class Partition:
     ``accounts`` (a lane): the rows whose partition column is one of these values; bounds unused unless
     ``with_range``, which adds the rows in ``[lower, upper)`` (minus ``exclude``) to fill the lane's last batch.
     ``exclude``: values inside ``[lower, upper)`` that belong to lanes.
+    ``members``: a group of serial partitions (their own bounds; this one's are unused) that one task loads together,
+    each Bulk job holding one internal batch of each member (see ``group_partitions``).
     """
 
     index: int
@@ -32,6 +35,7 @@ class Partition:
     accounts: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     with_range: bool = False
+    members: tuple[Partition, ...] = ()
 
     @property
     def serial(self) -> bool:
@@ -42,6 +46,10 @@ class Partition:
     @property
     def label(self) -> str:
         """What the Airflow UI shows for this map index, e.g. ``P03 [OPP-0420…, OPP-0630)``."""
+        if self.members:
+            n = len(self.members)
+            return f"P{self.index:02d} {n} lanes " + ", ".join(m.tag for m in self.members[:3]) + \
+                (f" +{n - 3}" if n > 3 else "")
         if self.null_bucket:
             return f"P{self.index:02d} NULL {self.key}"
         lo = "−∞" if self.lower is None else _short(self.lower)
@@ -53,9 +61,20 @@ class Partition:
             return f"P{self.index:02d} {lane}" + (f" & [{lo}, {hi})" if self.with_range else "")
         return f"P{self.index:02d} [{lo}, {hi})"
 
+    @property
+    def tag(self) -> str:
+        """A few characters that tell a group's member apart: its first Account, its lower bound or NULL."""
+        if self.null_bucket:
+            return "NULL"
+        if self.accounts:
+            return _short(self.accounts[0])
+        return "−∞" if self.lower is None else _short(self.lower)
+
     def to_dict(self) -> dict[str, Any]:
         # Lists, not tuples: XCom stores JSON (a tuple would be stored with its Python class).
-        return {**asdict(self), "accounts": list(self.accounts), "exclude": list(self.exclude), "label": self.label}
+        data = {**asdict(self), "accounts": list(self.accounts), "exclude": list(self.exclude), "label": self.label}
+        data["members"] = [m.to_dict() for m in self.members]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Partition:
@@ -64,11 +83,15 @@ class Partition:
         for name in ("accounts", "exclude"):
             if data.get(name):
                 fields[name] = tuple(data[name])
+        if data.get("members"):
+            fields["members"] = tuple(cls.from_dict(m) for m in data["members"])
         return cls(**fields)
 
     @property
     def bounds(self) -> list[Any]:
         """What identifies the partition's rows (a ledger written for other bounds is never resumed)."""
+        if self.members:
+            return [self.key, "members", [m.bounds for m in self.members]]
         bounds: list[Any] = [self.key, self.lower, self.upper, self.null_bucket]
         if self.accounts or self.exclude:
             bounds += [list(self.accounts), list(self.exclude)]
@@ -77,6 +100,8 @@ class Partition:
         return bounds
 
     def contains(self, value: str | None) -> bool:
+        if self.members:
+            return any(m.contains(value) for m in self.members)
         if self.null_bucket:
             return value is None
         if value is None:
@@ -87,6 +112,29 @@ class Partition:
             return False
         return (self.lower is None or value >= self.lower) and (self.upper is None or value < self.upper) \
             and value not in self.exclude
+
+
+def group_partitions(partitions: Sequence[Partition], per_group: int) -> list[Partition]:
+    """Serial partitions in groups of up to ``per_group`` (one task each), similar sizes together: a group's jobs hold
+    one batch of each member, so a group takes as many jobs as its largest member has batches.
+
+    With ``per_group`` 1 (or partitions that are not serial) the partitions are returned as they are.
+    """
+    if per_group <= 1 or len(partitions) <= 1 or not all(p.serial for p in partitions):
+        return list(partitions)
+    ordered = sorted(partitions, key=lambda p: -p.expected_rows)
+    count = -(-len(ordered) // per_group)
+    # Consecutive slices of the size order (round robin would mix the largest with the smallest).
+    size, extra = divmod(len(ordered), count)
+    groups: list[Partition] = []
+    start = 0
+    for g in range(count):
+        end = start + size + (1 if g < extra else 0)
+        members = tuple(ordered[start:end])
+        groups.append(Partition(index=g, count=count, key=members[0].key, lower=None, upper=None,
+                                expected_rows=sum(m.expected_rows for m in members), members=members))
+        start = end
+    return groups
 
 
 def _short(value: str, width: int = 12) -> str:

@@ -88,6 +88,20 @@ def stream_rows_to_jobs(bulk: SalesforceBulk2Hook, rows: Iterable[Sequence[Any]]
     chunks = iter_chunks(rows, header, max_records_per_job, min(max_bytes_per_job, bulk.max_upload_bytes),
                          key_func=key_func, column_types=column_types, null_as=null_as, line_ending=line_ending,
                          spool_threshold=spool_threshold)
+    yield from stream_chunks_to_jobs(bulk, chunks, object_name=object_name, external_id_field=external_id_field,
+                                     line_ending=line_ending, on_job_submitted=on_job_submitted, operation=operation,
+                                     on_job_created=on_job_created)
+
+
+def stream_chunks_to_jobs(bulk: SalesforceBulk2Hook, chunks: Iterable[CsvChunk], *, object_name: str,
+                          external_id_field: str, line_ending: str = "LF",
+                          on_job_submitted: Callable[[SubmittedJob], None] | None = None,
+                          operation: str = "upsert",
+                          on_job_created: Callable[[SubmittedJob], None] | None = None) -> Iterator[SubmittedJob]:
+    """Submit each CSV chunk as one Bulk API 2.0 job while the next one is built; see :func:`stream_rows_to_jobs`
+    (the same, for chunks built by the caller, e.g. :func:`~sf_datacloud_sync.utils.csv_encoder.iter_lane_chunks`).
+    """
+    chunks = iter(chunks)
     todo: queue.Queue[Any] = queue.Queue(maxsize=1)
     done: queue.Queue[Any] = queue.Queue()
     # One slot for the chunk uploading, one for the chunk being built: the encoder waits for a free slot.

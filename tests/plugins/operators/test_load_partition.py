@@ -668,3 +668,95 @@ def test_source_rows_query_again_after_an_expired_result():
     assert [r[0] for r in source] == [r[0] for r in data]
     assert source.read == 10
     assert hook.calls[1]["after_0"] == "OPP-003"  # the last row handed out before the result expired
+
+
+# -- a group of serial partitions in one task ---------------------------------------------------------------------------
+def account_group(emulator: Any) -> Partition:
+    members = []
+    for i, (lo, hi) in enumerate((("ACC-0000010", "ACC-0000020"), ("ACC-0000020", "ACC-0000030"),
+                                  ("ACC-0000030", "ACC-0000033"))):
+        part = Partition(index=i, count=3, key="account", lower=lo, upper=hi)
+        members.append(Partition(index=i, count=3, key="account", lower=lo, upper=hi,
+                                 expected_rows=len(source_rows(emulator, part))))
+    return Partition(index=2, count=4, key="account", lower=None, upper=None,
+                     expected_rows=sum(m.expected_rows for m in members), members=tuple(members))
+
+
+def group_keys(emulator: Any, group: Partition) -> list[str]:
+    return [k for m in group.members for k in source_rows(emulator, m)]
+
+
+def test_group_loads_one_batch_of_each_member_per_job(sync_env, monkeypatch):
+    from sf_datacloud_sync.utils.ledger import Ledger
+
+    emulator = sync_env.emulator
+    group = account_group(emulator)
+    keys = group_keys(emulator, group)
+    sizes = [m.expected_rows for m in group.members]
+    assert min(sizes) < 150 < max(sizes)  # a member that ends within the first job, others that take several
+    jobs: list[dict[str, Any]] = []
+    job_opened = Ledger.job_opened
+    monkeypatch.setattr(Ledger, "job_opened", lambda self, job_id, **kw: (jobs.append(kw), job_opened(self, job_id,
+                                                                                                         **kw))[1])
+    config = write_config(sync_env.tmp / "group.yaml", serial_job_records=150)
+    store = Store()
+    summary = Driver(operator_factory(SimpleNamespace(config=config), group), store).attempt()
+
+    check_summary(summary, group, len(keys))
+    bad = set(bad_rows(emulator)) & set(keys)
+    assert summary["upserted"] == len(keys) - len(bad) and summary["failed"] == len(bad)
+    assert opportunities(emulator) >= set(keys) - bad
+    assert emulator.stats()["duplicate_uploads"] == 0
+    # As many jobs as the largest member has batches of 150, each taking up to 150 rows of every member left.
+    assert summary["job_count"] == -(-max(sizes) // 150) == len(jobs)
+    sent = [0, 0, 0]
+    for job in jobs:
+        marks = job["last_key"]
+        taken = [mark["sent"] - before for mark, before in zip(marks, sent, strict=True)]
+        assert all(0 <= t <= 150 for t in taken) and sum(taken) == job["records"]
+        sent = [mark["sent"] for mark in marks]
+    assert sent == sizes
+    assert store.ledger["stream"]["committed"] == jobs[-1]["last_key"]
+    assert summary["label"].startswith("P02 3 lanes ACC-0000010")
+
+
+def test_group_resumes_each_member_after_its_own_last_committed_row(sync_env, monkeypatch):
+    emulator = sync_env.emulator
+    group = account_group(emulator)
+    keys = group_keys(emulator, group)
+    config = write_config(sync_env.tmp / "group.yaml", serial_job_records=150)
+    store = Store()
+    driver = Driver(operator_factory(SimpleNamespace(config=config), group), store)
+    original = SourceRows.__iter__
+    handed = {"n": 0}
+
+    def crashing(self):
+        for row in original(self):
+            handed["n"] += 1
+            if handed["n"] > 850:  # in the third job (441 + 300 rows before it)
+                raise ConnectionResetError("worker lost its connection mid-stream")
+            yield row
+
+    monkeypatch.setattr(SourceRows, "__iter__", crashing)
+    with pytest.raises(ConnectionResetError):
+        driver.attempt()
+    first = store.ledger
+    committed = first["counters"]["rows"]
+    assert first["stream"]["done"] is False and 0 < committed < len(keys)
+    assert sum(mark["sent"] for mark in first["stream"]["committed"]) == committed
+
+    monkeypatch.setattr(SourceRows, "__iter__", original)
+    sources: list[SourceRows] = []
+    real_init = SourceRows.__init__
+
+    def spy_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        sources.append(self)
+
+    monkeypatch.setattr(SourceRows, "__init__", spy_init)
+    summary = driver.attempt(try_number=2)
+
+    check_summary(summary, group, len(keys))
+    assert emulator.stats()["duplicate_uploads"] == 0
+    assert sum(source.read for source in sources) == len(keys) - committed  # nothing committed is read again
+    assert opportunities(emulator) >= set(keys) - set(bad_rows(emulator))

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sf_datacloud_sync.utils.csv_encoder import CsvEncoder, format_value, iter_chunks
+from sf_datacloud_sync.utils.csv_encoder import CsvEncoder, Lane, format_value, iter_chunks, iter_lane_chunks
 
 TRICKY = [
     "O'Brien\"; DROP TABLE x;--",
@@ -245,3 +245,59 @@ def test_round_trip_through_the_org(clean_emulator, monkeypatch, line_ending):
         assert Decimal(got["Amount"] or "0") == amount
         assert got["Description"] == (text or ""), key  # None was sent as #N/A: null in the org
     bulk.close()
+
+
+# -- several serial partitions in one job ------------------------------------------------------------------------------
+def lane(name: str, n: int, *, expected: int | None = None, start: int = 0) -> Lane:
+    rows = [(f"{name}-{i:03d}", name) for i in range(start, n)]
+    return Lane(rows, lambda row: [row[1], row[0]], position=None if not start else [name, f"{name}-{start - 1:03d}"],
+                sent=start, expected=n if expected is None else expected)
+
+
+def lane_chunks(lanes: list[Lane], batch: int, **kw) -> list[tuple[list[list[str]], object]]:
+    out = []
+    for c in iter_lane_chunks(lanes, ["ExternalId__c", "Lane"], batch, kw.pop("max_bytes", 10_000_000), **kw):
+        data = c.data if isinstance(c.data, bytes) else c.data.read()
+        rows = parse(data)[1:]
+        assert c.records == len(rows)
+        out.append((rows, c.last_key))
+    return out
+
+
+def runs(rows: list[list[str]]) -> list[tuple[str, int]]:
+    """``(lane, rows)`` per contiguous run of one lane's rows."""
+    result: list[tuple[str, int]] = []
+    for _, name in rows:
+        if result and result[-1][0] == name:
+            result[-1] = (name, result[-1][1] + 1)
+        else:
+            result.append((name, 1))
+    return result
+
+
+def test_lane_chunks_take_one_batch_of_each_lane_per_job_whole_batches_first():
+    # C is listed first but ends within the first step: it goes last, so A and B each fill one whole batch.
+    chunks = lane_chunks([lane("C", 3), lane("A", 25), lane("B", 10)], 10)
+    assert [runs(rows) for rows, _ in chunks] == [[("A", 10), ("B", 10), ("C", 3)], [("A", 10)], [("A", 5)]]
+    # Each lane's rows keep their order and none is lost or repeated.
+    sent = [row for rows, _ in chunks for row in rows]
+    for name, n in (("A", 25), ("B", 10), ("C", 3)):
+        assert [r[0] for r in sent if r[1] == name] == [f"{name}-{i:03d}" for i in range(n)]
+    # The marks: where each lane resumes once the chunk is at Salesforce.
+    assert chunks[0][1] == [{"after": ["C", "C-002"], "sent": 3}, {"after": ["A", "A-009"], "sent": 10},
+                            {"after": ["B", "B-009"], "sent": 10}]
+    assert chunks[-1][1][1] == {"after": ["A", "A-024"], "sent": 25}
+
+
+def test_lane_chunks_resume_from_the_marks_and_trust_rows_over_expectations():
+    # A resumes after its 12th row; B turns out to hold more rows than expected.
+    chunks = lane_chunks([lane("A", 30, start=12), lane("B", 14, expected=5)], 10)
+    assert [runs(rows) for rows, _ in chunks] == [[("A", 10), ("B", 10)], [("A", 8), ("B", 4)]]
+    assert chunks[-1][1] == [{"after": ["A", "A-029"], "sent": 30}, {"after": ["B", "B-013"], "sent": 14}]
+
+
+def test_lane_chunks_cut_a_step_at_max_bytes():
+    header = len(b"ExternalId__c,Lane\n")
+    chunks = lane_chunks([lane("A", 10), lane("B", 10)], 10, max_bytes=header + 15 * len(b"A-000,A\n"))
+    assert [runs(rows) for rows, _ in chunks] == [[("A", 10), ("B", 5)], [("B", 5)]]
+    assert chunks[0][1][1] == {"after": ["B", "B-004"], "sent": 5}
