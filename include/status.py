@@ -181,7 +181,7 @@ def _range(p: Mapping[str, Any] | None) -> str:
     if not p:
         return ""
     if p.get("members"):
-        return f"{len(p['members'])} lanes from {_range(p['members'][0])}"
+        return f"{len(p['members'])} lanes: {_range(p['members'][0])}" + (", …" if len(p["members"]) > 1 else "")
     if p.get("null_bucket"):
         return "NULL"
     lo = "−∞" if p.get("lower") is None else str(p["lower"])

@@ -154,3 +154,9 @@ def test_demo_settings_fill_only_missing_variables(tmp_path: Any, monkeypatch: p
 
     assert os.environ["AIRFLOW_API_URL"] == "http://127.0.0.1:8080" and os.environ["STATUS_TEST_ONLY"] == "x"
     monkeypatch.delenv("STATUS_TEST_ONLY")
+
+
+def test_range_of_a_group_names_its_size_and_first_partition() -> None:
+    group = {"members": [{"accounts": ["ACC-0011242", "ACC-2"], "lower": None, "upper": None},
+                         {"lower": "ACC-5", "upper": None}]}
+    assert status_mod._range(group) == "2 lanes: 2 accounts from ACC-0011242, …"

@@ -183,3 +183,17 @@ def test_table_names_what_each_lane_holds() -> None:
     assert result.ok, result.problems
     assert [r["range"] for r in result.rows] == [
         "account IN ('WHALE')", "account IN ('BIG', 'BIGGER') or [-inf, 'ACC-5')", "['ACC-5', +inf)"]
+
+
+def test_table_names_every_partition_of_a_group() -> None:
+    """A task loading a group of partitions reconciles as one row that lists each member's rows."""
+    members = (Partition(index=0, count=2, key="account", lower=None, upper=None, expected_rows=200, accounts=("WHALE",)),
+               Partition(index=1, count=2, key="account", lower="ACC-5", upper=None, expected_rows=100,
+                         exclude=("WHALE",)))
+    group = Partition(index=0, count=1, key="account", lower=None, upper=None, expected_rows=300, members=members)
+    plan = {**PLAN, "key": "account", "total_rows": 300, "null_rows": 0, "unkeyed_rows": 0, "keyed_rows": 300,
+            "partition_count": 1, "expected_rows": {0: 300}}
+    result = reconcile([{"partition": group.to_dict()}], [summary(0, rows=300)], plan,
+                       salesforce_count=300)
+    assert result.ok, result.problems
+    assert [r["range"] for r in result.rows] == ["account IN ('WHALE') + ['ACC-5', +inf)"]

@@ -55,6 +55,25 @@ USUAL_LOOK_LATE_SHARE = 0.03
 # Every so many jobs the first look comes at half the dequeue delay seen so far: an estimate inflated by one slow
 # dequeue (or a batch that waited for a thread) comes down again.
 PROBE_EVERY = 4
+#: Records per internal batch: Bulk API 2.0 cuts a job's data into batches of this many and runs them side by side.
+BULK_BATCH_RECORDS = 10_000
+
+
+def batch_records(records: int) -> int:
+    """The rows of a job's longest internal batch, which is how long the job runs."""
+    return min(records, BULK_BATCH_RECORDS)
+
+
+def as_one_batch(info: Mapping[str, Any], records: int) -> Mapping[str, Any]:
+    """A job of ``records`` rows as if it were its longest batch alone (what :class:`SerialPacer` reasons about). A
+    group's job runs one batch per partition side by side and counts all their rows: its counts are scaled down to
+    one batch's. Salesforce's ``apiActiveProcessingTime`` is the sum over the batches, so per row it stays the same."""
+    view = batch_records(records)
+    if records <= view:
+        return info
+    scale = view / records
+    return {**info, "numberRecordsProcessed": round(int(info.get("numberRecordsProcessed") or 0) * scale),
+            "apiActiveProcessingTime": float(info.get("apiActiveProcessingTime") or 0) * scale}
 
 
 class SerialPacer:

@@ -760,3 +760,29 @@ def test_group_resumes_each_member_after_its_own_last_committed_row(sync_env, mo
     assert emulator.stats()["duplicate_uploads"] == 0
     assert sum(source.read for source in sources) == len(keys) - committed  # nothing committed is read again
     assert opportunities(emulator) >= set(keys) - set(bad_rows(emulator))
+
+
+def test_group_source_closes_the_queries_it_opened_when_one_fails(sync_env, monkeypatch):
+    from sf_datacloud_sync.config import load_config
+    from sf_datacloud_sync.hooks.datacloud import DataCloudHook
+    from sf_datacloud_sync.operators.load_partition import GroupRows
+
+    group = account_group(sync_env.emulator)
+    real_init, real_close = SourceRows.__init__, SourceRows.close
+    opened, closed = [], []
+
+    def init(self, hook, part, cfg, **kw):
+        if part.lower == group.members[1].lower:
+            raise ConnectionResetError("Data Cloud went away")
+        real_init(self, hook, part, cfg, **kw)
+        opened.append(part.lower)
+
+    def close(self):
+        closed.append(self.part.lower)
+        real_close(self)
+
+    monkeypatch.setattr(SourceRows, "__init__", init)
+    monkeypatch.setattr(SourceRows, "close", close)
+    with pytest.raises(ConnectionResetError, match="went away"):
+        GroupRows(DataCloudHook(), group, load_config(sync_env.config), after=None, log=None)
+    assert sorted(opened) == sorted(closed) == [group.members[0].lower, group.members[2].lower]

@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowException
 
-from sf_datacloud_sync.utils.serial_pacing import EARLY_CLOSE_MIN_TOOK_S, PROBE_EVERY, SerialPacer
+from sf_datacloud_sync.utils.serial_pacing import (
+    EARLY_CLOSE_MIN_TOOK_S,
+    PROBE_EVERY,
+    SerialPacer,
+    as_one_batch,
+    batch_records,
+)
 
 ROWS = 10_000
 
@@ -246,3 +252,15 @@ def test_a_job_that_never_ends_fails_the_watch_as_still_running() -> None:
     with pytest.raises(AirflowException, match="750J STILL RUNNING at Salesforce after 120s"):
         pacer.wait_turn("750J", ROWS, closed=0.0)
     assert 120 < org.now < 123  # counted from the start of the watch, not from its first look (at 30 s)
+
+
+def test_a_group_job_is_seen_as_its_longest_batch() -> None:
+    """5 batches of 10,000 side by side: half done when 25,000 rows counted; the org's processing time, summed over
+    the batches, gives the same time per row as one batch would."""
+    info = {"state": "InProgress", "numberRecordsProcessed": 25_000, "apiActiveProcessingTime": 90_000}
+    seen = as_one_batch(info, 50_000)
+    assert seen["numberRecordsProcessed"] == 5_000 and seen["state"] == "InProgress"
+    assert seen["apiActiveProcessingTime"] / seen["numberRecordsProcessed"] == 90_000 / 25_000
+    assert batch_records(50_000) == 10_000 and batch_records(38_291) == 10_000 and batch_records(9_000) == 9_000
+    # One batch or less (a single partition, or a group's last rows in one batch): as it is.
+    assert as_one_batch(info, 9_000) is info
