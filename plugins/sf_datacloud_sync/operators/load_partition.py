@@ -306,7 +306,7 @@ class _PartitionRun:
         load = self.cfg.load
         self.pacer = SerialPacer(get_job=self._paced_job_status, pause=self._pause, label=self.label,
                                  poll_interval_s=load.poll_interval_s, poll_max_interval_s=load.poll_max_interval_s,
-                                 job_timeout_s=load.job_timeout_s)
+                                 job_timeout_s=load.job_timeout_s, logger=self.log)
         self._last_line = ""
         self.ledger, stale = Ledger.load(self.store, run_id=self.run_id, label=self.label,
                                          bounds=self.part.bounds, attempt=self.attempt)

@@ -23,6 +23,7 @@ the task is stopped), on the ``clock`` it is given.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,6 +32,8 @@ from airflow.sdk.exceptions import AirflowException
 
 from sf_datacloud_sync.utils.ledger import IN_PROGRESS, TERMINAL_STATES
 from sf_datacloud_sync.utils.progress import seconds_left, seconds_per_record
+
+log = logging.getLogger(__name__)
 
 FIRST_POLL_SHARE = 0.8  # first look at this share of the last job's close-to-done time
 MIN_POLL_S = 0.2
@@ -86,8 +89,9 @@ class SerialPacer:
 
     def __init__(self, *, get_job: Callable[[str], Mapping[str, Any]], pause: Callable[[float], None], label: str,
                  poll_interval_s: float, poll_max_interval_s: float, job_timeout_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, logger: logging.Logger | None = None) -> None:
         self.get_job = get_job
+        self.log = logger or log
         self.pause = pause
         self.label = label
         self.poll_interval_s = poll_interval_s
@@ -123,7 +127,12 @@ class SerialPacer:
             for older_id, older_records in older:
                 self.wait_done(older_id, older_records)  # may correct active_per_record
         # The org closes it about half way through the request.
-        self._pause_until(since + self.active_per_record * rows_left - self.close_round_trip_s / 2)
+        close_at = since + self.active_per_record * rows_left - self.close_round_trip_s / 2
+        self.log.info("%s: next job closes in %.1fs: job %s ends in ~%.1fs (%d rows left at %.2f ms each from "
+                      "%+.1fs); dequeue delay %.1fs", self.label, max(0.0, close_at - self.clock()), job_id,
+                      since + self.active_per_record * rows_left - self.clock(), rows_left,
+                      self.active_per_record * 1000, since - self.clock(), self.dequeue_s or 0.0)
+        self._pause_until(close_at)
 
     def job_closed(self, sent: float, answered: float) -> float:
         """A close request sent at ``sent`` was answered at ``answered`` (on :attr:`clock`): when the org closed the
