@@ -128,10 +128,9 @@ class SerialPacer:
                 self.wait_done(older_id, older_records)  # may correct active_per_record
         # The org closes it about half way through the request.
         close_at = since + self.active_per_record * rows_left - self.close_round_trip_s / 2
-        self.log.info("%s: next job closes in %.1fs: job %s ends in ~%.1fs (%d rows left at %.2f ms each from "
-                      "%+.1fs); dequeue delay %.1fs", self.label, max(0.0, close_at - self.clock()), job_id,
-                      since + self.active_per_record * rows_left - self.clock(), rows_left,
-                      self.active_per_record * 1000, since - self.clock(), self.dequeue_s or 0.0)
+        self.log.info("%s: the next job closes in %.1fs (job %s: %d rows left at %.2f ms each from %.1fs ago; "
+                      "dequeue delay %.1fs)", self.label, max(0.0, close_at - self.clock()), job_id, rows_left,
+                      self.active_per_record * 1000, self.clock() - since, self.dequeue_s or 0.0)
         self._pause_until(close_at)
 
     def job_closed(self, sent: float, answered: float) -> float:
