@@ -332,6 +332,19 @@ def _lane_keys(emulator: Any, lane: Partition) -> set[str]:
                                          f'({marks})', lane.accounts)}
 
 
+def spy_sources(monkeypatch: Any) -> list[SourceRows]:
+    """Every :class:`SourceRows` opened from now on (their ``read`` counts what each query handed out)."""
+    sources: list[SourceRows] = []
+    real_init = SourceRows.__init__
+
+    def spy_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        sources.append(self)
+
+    monkeypatch.setattr(SourceRows, "__init__", spy_init)
+    return sources
+
+
 # -- transient failures ------------------------------------------------------------------------------------------------
 def test_lock_errors_are_resent_until_upserted(sync_env):
     emulator = sync_env.emulator
@@ -441,14 +454,7 @@ def test_resume_after_a_crash_mid_partition(sync_env, monkeypatch):
     store.set(LEDGER_KEY, first)
 
     monkeypatch.setattr(SourceRows, "__iter__", original)
-    reads: list[int] = []
-    real_init = SourceRows.__init__
-
-    def spy_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        reads.append(self)
-
-    monkeypatch.setattr(SourceRows, "__init__", spy_init)
+    reads = spy_sources(monkeypatch)
     summary = driver.attempt(try_number=2)
 
     check_summary(summary, EXT_PARTITION, len(keys))
@@ -746,14 +752,7 @@ def test_group_resumes_each_member_after_its_own_last_committed_row(sync_env, mo
     assert sum(mark["sent"] for mark in first["stream"]["committed"]) == committed
 
     monkeypatch.setattr(SourceRows, "__iter__", original)
-    sources: list[SourceRows] = []
-    real_init = SourceRows.__init__
-
-    def spy_init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        sources.append(self)
-
-    monkeypatch.setattr(SourceRows, "__init__", spy_init)
+    sources = spy_sources(monkeypatch)
     summary = driver.attempt(try_number=2)
 
     check_summary(summary, group, len(keys))
