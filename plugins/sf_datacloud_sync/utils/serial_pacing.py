@@ -1,8 +1,9 @@
 """When a serial partition may close its next Bulk job.
 
 A serial partition (``partition_key=account``) keeps one 10,000-row job running at Salesforce at a time, so two
-batches never lock the same Account. The next job is created and uploaded while the current one runs; only its close
-waits. :class:`SerialPacer` decides how long, from what the partition's earlier jobs showed: how long a job takes from
+batches never lock the same Account (a group of partitions in one task: one job holding one 10,000-row batch of each,
+which the pacer sees as one batch, :func:`as_one_batch`). The next job is created and uploaded while the current one
+runs; only its close waits. :class:`SerialPacer` decides how long, from what the partition's earlier jobs showed: how long a job takes from
 its close to its end, how long the org keeps a closed job queued (the dequeue delay) and how long its batch runs.
 
 Every job but the newest must have processed all its rows. The newest one must too, except once the org has shown
