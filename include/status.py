@@ -215,8 +215,11 @@ def render(status: RunStatus, salesforce: Mapping[str, Any] | None = None) -> st
         singles = {ti["task_id"]: ti for ti in status.task_instances if ti.get("map_index", -1) == -1}
         plan = status.plan or {}
         discover = singles.get("discover", {})
-        detail = (f"  {plan.get('total_rows', 0):,} rows, {plan.get('partition_count', 0)} partitions by "
-                  f"{plan.get('key')}") if plan else ""
+        tasks = plan.get("partition_count", 0)
+        members = plan.get("member_count") or tasks  # partitions_per_task > 1: several partitions per task
+        in_tasks = f" in {tasks} tasks" if members != tasks else ""
+        detail = f"  {plan.get('total_rows', 0):,} rows, {members} partitions{in_tasks} by {plan.get('key')}" \
+            if plan else ""
         lines.append(f"discover        {discover.get('state') or '-'}{detail}")
         loads = sorted((ti for ti in status.task_instances if ti["task_id"] == LOAD_TASK
                         and ti.get("map_index", -1) >= 0), key=lambda ti: ti["map_index"])

@@ -583,6 +583,7 @@ class Discovery:
         return {
             "key": self.key,
             "partition_count": len(self.partitions),
+            "member_count": sum(len(p.members) or 1 for p in self.partitions),
             "total_rows": d.total_rows,
             "null_rows": d.null_rows,
             "unkeyed_rows": d.unkeyed_rows,

@@ -160,3 +160,11 @@ def test_range_of_a_group_names_its_size_and_first_partition() -> None:
     group = {"members": [{"accounts": ["ACC-0011242", "ACC-2"], "lower": None, "upper": None},
                          {"lower": "ACC-5", "upper": None}]}
     assert status_mod._range(group) == "2 lanes: 2 accounts from ACC-0011242, …"
+
+
+def test_render_counts_partitions_and_tasks_of_groups() -> None:
+    api = running_run_api()
+    api.bodies[f"{BASE}/taskInstances/discover/xcomEntries/plan"] = {
+        "value": {"total_rows": 223, "partition_count": 3, "member_count": 15, "key": "account"}}
+    text = render(collect(api), {"error": "not asked"})
+    assert "223 rows, 15 partitions in 3 tasks by account" in text

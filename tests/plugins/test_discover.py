@@ -535,8 +535,10 @@ def test_partitions_per_task_groups_serial_partitions_of_similar_size() -> None:
     conn = _lane_rows()
     plain = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
                      partitions=5).partitions
-    groups = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
-                      partitions=5, partitions_per_task=2).partitions
+    found = discover(_lane_config(10), FakeDataCloud(conn), FakeSalesforce(), partition_key="account",
+                     partitions=5, partitions_per_task=2)
+    groups = found.partitions
+    assert (found.plan()["partition_count"], found.plan()["member_count"]) == (3, 5)
     assert [[m.label for m in g.members] for g in groups] == [[p.label for p in plain[:2]], [p.label for p in plain[2:4]],
                                                               [plain[4].label]]
     assert [(g.index, g.count, g.expected_rows) for g in groups] == [(0, 3, 120), (1, 3, 40), (2, 3, 20)]
