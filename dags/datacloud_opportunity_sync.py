@@ -32,11 +32,12 @@ field mapping, artifact location, pool size) live in `include/sync_config.yaml` 
   Opportunities with an external id that are created outside this sync).
 
 #### Restart one partition
-Grid view → `load_partition` → pick the map index (its label shows the key range, or `P01 5 lanes ACC-…, …` for a
-group of partitions, which restarts together) → **Clear** with **Downstream** ticked (so `verify` re-checks). It
-resumes from its ledger: jobs already at Salesforce are re-attached, not re-sent. **Mark failed** stops a running
-partition and aborts its open Bulk jobs. From the CLI / REST:
-`POST /api/v2/dags/datacloud_opportunity_sync/clearTaskInstances` with `{"dag_run_id": "...", "task_ids": [["load_partition", 3]], "include_downstream": true, "dry_run": false}`.
+Grid view → `load_partition` → pick the map index (its label shows the key range, or `P01 5 lanes ACC-…, …`
+for a group of partitions, which restarts together) → **Clear** with **Downstream** ticked (so `verify`
+re-checks). It resumes from its ledger: jobs already at Salesforce are re-attached, not re-sent. **Mark failed**
+stops a running partition and aborts its open Bulk jobs. From the CLI / REST:
+`POST /api/v2/dags/datacloud_opportunity_sync/clearTaskInstances` with
+`{"dag_run_id": "...", "task_ids": [["load_partition", 3]], "include_downstream": true, "dry_run": false}`.
 
 #### Where failed rows are
 One CSV per partition with failures: `<artifacts>/datacloud_opportunity_sync/<run_id>/<partition>_failed.csv`

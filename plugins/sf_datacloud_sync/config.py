@@ -13,6 +13,10 @@ _IDENTIFIER = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _SF_FIELD = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)?$")
 
 
+#: Records per internal batch: Bulk API 2.0 cuts a job's data into batches of this many and runs them side by side.
+BULK_BATCH_RECORDS = 10_000
+
+
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message names it."""
 
@@ -123,7 +127,7 @@ def parse_config(raw: dict[str, Any]) -> SyncConfig:
         raise ConfigError("setting 'load.max_records_per_job' must be a positive number of records")
     if not 1_000 <= load.max_bytes_per_job <= 100_000_000:
         raise ConfigError("setting 'load.max_bytes_per_job' must be at most 100000000 (Bulk API 2.0's 100 MB)")
-    if not 1 <= load.serial_job_records <= 10_000:
+    if not 1 <= load.serial_job_records <= BULK_BATCH_RECORDS:
         raise ConfigError("setting 'load.serial_job_records' must be 1..10000 (one Bulk API internal batch)")
     if load.line_ending not in ("LF", "CRLF"):
         raise ConfigError("setting 'load.line_ending' must be LF or CRLF")

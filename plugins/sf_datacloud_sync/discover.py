@@ -635,8 +635,7 @@ def discover(cfg: SyncConfig, datacloud: _DataCloud, salesforce: _Salesforce, *,
         planned = plan_serial(distribution, partition_key, lanes=lanes, partitions=wanted, batch_rows=batch_rows)
     if planned is None:
         planned = plan_partitions(distribution, partition_key, lanes=lanes)
-    if partition_key == "account":
-        planned = group_partitions(planned, partitions_per_task)
+    planned = group_partitions(planned, partitions_per_task)  # serial (account) partitions only
     # The totals verify reconciles against cover the lanes' rows too.
     distribution = dataclasses.replace(distribution, total_rows=distribution.total_rows + lane_rows,
                                        unkeyed_rows=distribution.unkeyed_rows + lane_unkeyed,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from functools import cached_property
 from typing import IO, TYPE_CHECKING, Any
@@ -43,7 +42,7 @@ from sf_datacloud_sync.utils.ledger import (
     Ledger,
 )
 from sf_datacloud_sync.utils.partitions import Partition, order_columns, range_query
-from sf_datacloud_sync.utils.serial_pacing import SerialPacer, as_one_batch, batch_records
+from sf_datacloud_sync.utils.serial_pacing import SerialPacer
 
 if TYPE_CHECKING:
     from sf_datacloud_sync.config import SyncConfig
@@ -304,7 +303,7 @@ class _PartitionRun:
         self.aborted: set[str] = set()
         self.closed_at: dict[str, float] = {}  # serial partitions: when this attempt closed each job
         load = self.cfg.load
-        self.pacer = SerialPacer(get_job=self._paced_job_status, pause=self._pause, label=self.label,
+        self.pacer = SerialPacer(get_job=self._job_status, pause=self._pause, label=self.label,
                                  poll_interval_s=load.poll_interval_s, poll_max_interval_s=load.poll_max_interval_s,
                                  job_timeout_s=load.job_timeout_s, logger=self.log)
         self._last_line = ""
@@ -491,16 +490,11 @@ class _PartitionRun:
         """Serial partitions: block until the next job may be closed (:mod:`~sf_datacloud_sync.utils.serial_pacing`)."""
         running = self.ledger.running_job_ids()
         if running:
-            records = {job_id: batch_records(int(self.ledger.jobs[job_id]["records"])) for job_id in running}
+            records = {job_id: int(self.ledger.jobs[job_id]["records"]) for job_id in running}
             newest = running[-1]
             self.pacer.wait_turn(newest, records[newest], closed=self.closed_at.get(newest),
                                  older=[(job_id, records[job_id]) for job_id in running[:-1]])
         # Not saved here: the close that follows records the ledger with these states.
-
-    def _paced_job_status(self, job_id: str) -> Mapping[str, Any]:
-        """A job's state as the pacer sees it: one batch (a group's job runs one batch per member side by side)."""
-        info = self._job_status(job_id)
-        return as_one_batch(info, int((self.ledger.jobs.get(job_id) or {}).get("records") or 0))
 
     def _job_status(self, job_id: str) -> Mapping[str, Any]:
         """Ask Salesforce for one job's state and record it in the ledger."""
@@ -851,6 +845,8 @@ class GroupRows:
     """
 
     def __init__(self, hook: DataCloudHook, part: Partition, cfg: SyncConfig, *, after: Any, log: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         from sf_datacloud_sync.utils.csv_encoder import Lane
 
         self.cfg = cfg
@@ -902,7 +898,7 @@ def open_source(hook: DataCloudHook, part: Partition, cfg: SyncConfig, *, after:
 
 # -- the Bulk hook as the stream sees it ---------------------------------------------------------------------------
 class LedgerBulk:
-    """Wraps the Bulk hook for ``stream_rows_to_jobs``: each job enters the ledger *before* its upload.
+    """Wraps the Bulk hook for the transfer (``stream_chunks_to_jobs``): each job enters the ledger *before* its upload.
 
     ``submit_ingest_job`` is create → ledger ``Open`` (with the chunk's row count and first/last key, which
     the transfer hands over through ``on_created``: pass ``on_job_created=ledger_bulk.job_created``) → upload →

@@ -375,9 +375,8 @@ def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_record
     """
     if max_records < 1:
         raise ValueError("max_records must be at least 1")
-    encoder = CsvEncoder(header, column_types, null_as=null_as, line_ending=line_ending, delimiter=delimiter)
-    if len(encoder.header_bytes) >= max_bytes:
-        raise ValueError(f"the header alone ({len(encoder.header_bytes)} bytes) does not fit in max_bytes={max_bytes}")
+    encoder = _chunk_encoder(header, column_types, max_bytes, null_as=null_as, line_ending=line_ending,
+                             delimiter=delimiter)
     keyed = key_func is not None or key_index is not None
     if key_func is None:
         key_func = (lambda row: row[key_index]) if key_index is not None else (lambda row: None)
@@ -389,20 +388,11 @@ def iter_chunks(rows: Iterable[Sequence[Any]], header: Sequence[str], max_record
         pending = []
         if not batch:
             break
-        data = encoder.encode_rows(batch)
-        if chunk.nbytes + len(data) <= max_bytes:
-            chunk.add(data, len(batch), key_func(batch[0]), key_func(batch[-1]))
-        else:
-            # The batch would overflow the byte limit: place its rows one by one (once per chunk at most).
-            for row in batch:
-                line = encoder.encode_rows([row])
-                if chunk.nbytes + len(line) > max_bytes:
-                    if len(encoder.header_bytes) + len(line) > max_bytes:
-                        raise ValueError(f"a row of {len(line)} bytes (key {key_func(row)!r}) does not fit in "
-                                         f"max_bytes={max_bytes} with the header")
-                    yield chunk.take()
-                key = key_func(row)
-                chunk.add(line, 1, key, key)
+        for data, n, first, last in _fitting(encoder, batch, key_func, chunk, max_bytes):
+            if data is None:
+                yield chunk.take()
+            else:
+                chunk.add(data, n, first, last)
         if chunk.records >= max_records:
             if keyed:
                 pending = _extend_equal_keys(chunk, source, encoder, key_func, max_records, max_bytes)
@@ -452,9 +442,8 @@ def iter_lane_chunks(lanes: Sequence[Lane], header: Sequence[str], batch_records
     """
     if batch_records < 1:
         raise ValueError("batch_records must be at least 1")
-    encoder = CsvEncoder(header, column_types, null_as=null_as, line_ending=line_ending, delimiter=delimiter)
-    if len(encoder.header_bytes) >= max_bytes:
-        raise ValueError(f"the header alone ({len(encoder.header_bytes)} bytes) does not fit in max_bytes={max_bytes}")
+    encoder = _chunk_encoder(header, column_types, max_bytes, null_as=null_as, line_ending=line_ending,
+                             delimiter=delimiter)
     sources = [iter(lane.rows) for lane in lanes]
     live = list(range(len(lanes)))
     chunk = _ChunkBuilder(encoder.header_bytes, spool_threshold)
@@ -468,7 +457,7 @@ def iter_lane_chunks(lanes: Sequence[Lane], header: Sequence[str], batch_records
                     live.remove(i)
                     break
                 taken += len(rows)
-                for data, n, last in _fitting(encoder, rows, lane, chunk, max_bytes):
+                for data, n, _, last in _fitting(encoder, rows, lane.key_func, chunk, max_bytes):
                     if data is None:
                         yield chunk.take()
                         continue
@@ -480,19 +469,28 @@ def iter_lane_chunks(lanes: Sequence[Lane], header: Sequence[str], batch_records
             yield chunk.take()
 
 
-def _fitting(encoder: CsvEncoder, rows: list[Sequence[Any]], lane: Lane, chunk: _ChunkBuilder,
-             max_bytes: int) -> Iterator[tuple[bytes | None, int, Any]]:
-    """``rows`` as encoded pieces ``(data, rows, last key)`` that fit the chunk; ``(None, 0, None)`` where the chunk
-    is full and must be taken first."""
+def _chunk_encoder(header: Sequence[str], column_types: Sequence[str | None] | None, max_bytes: int,
+                   **options: Any) -> CsvEncoder:
+    encoder = CsvEncoder(header, column_types, **options)
+    if len(encoder.header_bytes) >= max_bytes:
+        raise ValueError(f"the header alone ({len(encoder.header_bytes)} bytes) does not fit in max_bytes={max_bytes}")
+    return encoder
+
+
+def _fitting(encoder: CsvEncoder, rows: list[Sequence[Any]], key_func: Callable[[Sequence[Any]], Any],
+             chunk: _ChunkBuilder, max_bytes: int) -> Iterator[tuple[bytes | None, int, Any, Any]]:
+    """``rows`` as encoded pieces ``(data, rows, first key, last key)`` that fit the chunk; ``(None, 0, None, None)``
+    where the chunk is full and must be taken first."""
     data = encoder.encode_rows(rows)
     if chunk.nbytes + len(data) <= max_bytes:
-        yield data, len(rows), lane.key_func(rows[-1])
+        yield data, len(rows), key_func(rows[0]), key_func(rows[-1])
         return
-    for row in rows:  # once per chunk at most: place the rows one by one
+    for row in rows:  # the rows would overflow the byte limit: place them one by one (once per chunk at most)
         line = encoder.encode_rows([row])
-        if len(encoder.header_bytes) + len(line) > max_bytes:
-            raise ValueError(f"a row of {len(line)} bytes (key {lane.key_func(row)!r}) does not fit in "
-                             f"max_bytes={max_bytes} with the header")
         if chunk.nbytes + len(line) > max_bytes:
-            yield None, 0, None
-        yield line, 1, lane.key_func(row)
+            if len(encoder.header_bytes) + len(line) > max_bytes:
+                raise ValueError(f"a row of {len(line)} bytes (key {key_func(row)!r}) does not fit in "
+                                 f"max_bytes={max_bytes} with the header")
+            yield None, 0, None, None
+        key = key_func(row)
+        yield line, 1, key, key

@@ -7,8 +7,9 @@ A partition travels through XCom as a small dict (``Partition.to_dict``); it nev
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 PARTITION_KEYS = ("external_id", "account")
@@ -72,9 +73,8 @@ class Partition:
 
     def to_dict(self) -> dict[str, Any]:
         # Lists, not tuples: XCom stores JSON (a tuple would be stored with its Python class).
-        data = {**asdict(self), "accounts": list(self.accounts), "exclude": list(self.exclude), "label": self.label}
-        data["members"] = [m.to_dict() for m in self.members]
-        return data
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "accounts": list(self.accounts),
+                "exclude": list(self.exclude), "members": [m.to_dict() for m in self.members], "label": self.label}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Partition:

@@ -3,8 +3,9 @@
 A serial partition (``partition_key=account``) keeps one 10,000-row job running at Salesforce at a time, so two
 batches never lock the same Account (a group of partitions in one task: one job holding one 10,000-row batch of each,
 which the pacer sees as one batch, :func:`as_one_batch`). The next job is created and uploaded while the current one
-runs; only its close waits. :class:`SerialPacer` decides how long, from what the partition's earlier jobs showed: how long a job takes from
-its close to its end, how long the org keeps a closed job queued (the dequeue delay) and how long its batch runs.
+runs; only its close waits. :class:`SerialPacer` decides how long, from what the partition's earlier jobs showed: how
+long a job takes from its close to its end, how long the org keeps a closed job queued (the dequeue delay) and how
+long its batch runs.
 
 Every job but the newest must have processed all its rows. The newest one must too, except once the org has shown
 that a job takes long from its close to its end (at least :data:`EARLY_CLOSE_MIN_TOOK_S`): then the next job is closed
@@ -31,6 +32,7 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException
 
+from sf_datacloud_sync.config import BULK_BATCH_RECORDS
 from sf_datacloud_sync.utils.ledger import IN_PROGRESS, TERMINAL_STATES
 from sf_datacloud_sync.utils.progress import seconds_left, seconds_per_record
 
@@ -59,8 +61,6 @@ USUAL_LOOK_LATE_SHARE = 0.03
 # Every so many jobs the first look comes at half the dequeue delay seen so far: an estimate inflated by one slow
 # dequeue (or a batch that waited for a thread) comes down again.
 PROBE_EVERY = 4
-#: Records per internal batch: Bulk API 2.0 cuts a job's data into batches of this many and runs them side by side.
-BULK_BATCH_RECORDS = 10_000
 
 
 def batch_records(records: int) -> int:
@@ -109,9 +109,10 @@ class SerialPacer:
     # -- what the partition calls ------------------------------------------------------------------------------------
     def wait_turn(self, job_id: str, records: int, *, closed: float | None,
                   older: Sequence[tuple[str, int]] = ()) -> None:
-        """Block until the next job may be closed: once the newest job (``job_id``; ``closed``: when this attempt
-        closed it, on :attr:`clock`) has processed all its rows or, once jobs are known to take long, one dequeue
-        delay before its expected end; and once the ``older`` jobs (id, rows) have processed all theirs.
+        """Block until the next job may be closed: once the newest job (``job_id``, of ``records`` rows; ``closed``:
+        when this attempt closed it, on :attr:`clock`) has processed all its rows or, once jobs are known to take long,
+        one dequeue delay before its expected end; and once the ``older`` jobs (id, rows) have processed all theirs.
+        A job of several internal batches (a group's) is watched as its longest batch (:func:`as_one_batch`).
 
         The newest job is watched first and the older ones are asked only then, shortly before the close
         (:data:`OLDER_LOOK_LEAD_SHARE`): by that time they have long finished, so one look each both proves it and
@@ -129,9 +130,10 @@ class SerialPacer:
                 self.wait_done(older_id, older_records)  # may correct active_per_record
         # The org closes it about half way through the request.
         close_at = since + self.active_per_record * rows_left - self.close_round_trip_s / 2
-        self.log.info("%s: the next job closes in %.1fs (job %s: %d rows left at %.2f ms each from %.1fs ago; "
-                      "dequeue delay %.1fs)", self.label, max(0.0, close_at - self.clock()), job_id, rows_left,
-                      self.active_per_record * 1000, self.clock() - since, self.dequeue_s or 0.0)
+        now = self.clock()
+        self.log.info("%s: the next job closes in %.1fs (job %s: %d rows of a batch left at %.2f ms each from %.1fs "
+                      "ago; dequeue delay %.1fs)", self.label, max(0.0, close_at - now), job_id, rows_left,
+                      self.active_per_record * 1000, now - since, self.dequeue_s or 0.0)
         self._pause_until(close_at)
 
     def job_closed(self, sent: float, answered: float) -> float:
@@ -146,13 +148,14 @@ class SerialPacer:
         self._until_done(job_id, records, None)
 
     # -- the watches -------------------------------------------------------------------------------------------------
-    def _until_next_may_start(self, job_id: str, records: int, closed: float) -> tuple[float, int]:
+    def _until_next_may_start(self, job_id: str, rows: int, closed: float) -> tuple[float, int]:
         """Jobs take long: look when the newest should have left the queue. The next job may be closed one dequeue
         delay before it ends, returned as a time and the rows the job has left to process from then.
 
         Every few jobs the first look is a probe at half the dequeue delay, to see the queue shrink; a probe that
         finds the job still queued halves the time left to the usual look, down to the queued looks' resolution (at a
         30 s dequeue a probe takes 5 looks; ramping up short looks from there took 15)."""
+        records = batch_records(rows)
         deadline = self.clock() + self.job_timeout_s
         active = self.active_per_record * records
         max_queued_look = self._max_queued_look(active)
@@ -173,7 +176,7 @@ class SerialPacer:
         left_queue = False
         not_started = closed  # the last look that saw its batch not started yet (queued, or InProgress with no row)
         while True:
-            now, state, processed = self._look(job_id, records, closed)
+            now, state, processed = self._look(job_id, rows, closed)
             if state is None:
                 return now, 0
             if state == IN_PROGRESS:
@@ -208,10 +211,11 @@ class SerialPacer:
             queued_look = min(queued_look * 1.25, max_queued_look)
             self.pause(queued_look)
 
-    def _until_done(self, job_id: str, records: int, closed: float | None) -> tuple[float, int]:
+    def _until_done(self, job_id: str, rows: int, closed: float | None) -> tuple[float, int]:
         """Watch a job until it has processed all its rows (returns when that was seen, and 0 rows), looking shortly
         before its processing rate says it ends. The partition's first job (``closed`` and nothing known yet) may end
         the watch early: see :meth:`_first_job_early_close`."""
+        records = batch_records(rows)
         took = self.took_s
         deadline = self.clock() + self.job_timeout_s
         if closed is not None and took:
@@ -223,7 +227,7 @@ class SerialPacer:
         queued_seen = closed  # when a look last saw it still queued
         in_progress_seen: float | None = None  # when a look first saw it InProgress
         while True:
-            now, state, processed = self._look(job_id, records, closed)
+            now, state, processed = self._look(job_id, rows, closed)
             if state is None:
                 return now, 0
             if closed is not None and state == IN_PROGRESS and in_progress_seen is None:
@@ -271,11 +275,13 @@ class SerialPacer:
         return now - min(self.dequeue_s, queued_seen - closed)
 
     # -- helpers -----------------------------------------------------------------------------------------------------
-    def _look(self, job_id: str, records: int, closed: float | None) -> tuple[float, str | None, int]:
-        """One status request: ``(as of, state, processed)``, the state ``None`` once the job has processed all its
-        rows (then, for a job this attempt closed, what it took is recorded)."""
+    def _look(self, job_id: str, rows: int, closed: float | None) -> tuple[float, str | None, int]:
+        """One status request: ``(as of, state, processed)`` of the job's longest batch (:func:`as_one_batch`), the
+        state ``None`` once the job has processed all its rows (then, for a job this attempt closed, what it took is
+        recorded)."""
         asked = self.clock()
-        info = self.get_job(job_id)
+        info = as_one_batch(self.get_job(job_id), rows)
+        records = batch_records(rows)
         now = (asked + self.clock()) / 2  # the org answered as of about half way through the round trip
         state = info.get("state")
         processed = int(info.get("numberRecordsProcessed") or 0)

@@ -26,10 +26,12 @@ class VirtualOrg:
     close (one job, ``750J``, closed at t=0, unless :meth:`close` says otherwise), then InProgress; its batch waits
     ``thread_wait_s`` for an org thread, then processes its rows in ``batch_s``. Rows count up as they commit, or per
     ``chunk_rows``-row transaction at its start (as the emulator counts), or (``counts_rows=False``) only at the end.
-    A request takes ``round_trip_s``; the org answers as of half way."""
+    A request takes ``round_trip_s``; the org answers as of half way. A job of ``batches`` batches (a group's) runs them
+    side by side and counts all their rows."""
 
     def __init__(self, *, dequeue_s: float, batch_s: float = 36.0, thread_wait_s: float = 0.0,
-                 counts_rows: bool = True, chunk_rows: int = 0, round_trip_s: float = 0.0) -> None:
+                 counts_rows: bool = True, chunk_rows: int = 0, round_trip_s: float = 0.0, batches: int = 1) -> None:
+        self.batches = batches
         self.batch_s = batch_s
         self.thread_wait_s = thread_wait_s
         self.counts_rows = counts_rows
@@ -59,14 +61,14 @@ class VirtualOrg:
             return {"id": job_id, "state": "UploadComplete", "numberRecordsProcessed": 0}
         t = max(0.0, t - self.thread_wait_s)
         if t >= self.batch_s:
-            return {"id": job_id, "state": "JobComplete", "numberRecordsProcessed": ROWS,
-                    "apiActiveProcessingTime": int(self.batch_s * 1000)}
+            return {"id": job_id, "state": "JobComplete", "numberRecordsProcessed": ROWS * self.batches,
+                    "apiActiveProcessingTime": int(self.batch_s * 1000) * self.batches}
         processed = 0
         if self.counts_rows:
             processed = int(t / self.batch_s * ROWS)
             if self.chunk_rows:
                 processed = min(ROWS, (processed // self.chunk_rows + 1) * self.chunk_rows)
-        return {"id": job_id, "state": "InProgress", "numberRecordsProcessed": processed}
+        return {"id": job_id, "state": "InProgress", "numberRecordsProcessed": processed * self.batches}
 
     def pause(self, seconds: float) -> None:
         assert seconds > 0, "a pause of nothing would be a busy loop"
@@ -264,3 +266,16 @@ def test_a_group_job_is_seen_as_its_longest_batch() -> None:
     assert batch_records(50_000) == 10_000 and batch_records(38_291) == 10_000 and batch_records(9_000) == 9_000
     # One batch or less (a single partition, or a group's last rows in one batch): as it is.
     assert as_one_batch(info, 9_000) is info
+
+
+@pytest.mark.parametrize("known_dequeue_s", [2.0, None])
+def test_a_group_job_is_paced_as_its_longest_batch(known_dequeue_s: float | None) -> None:
+    """A job of 5 batches side by side (50,000 rows counted together) hands the close over when a one-batch job would:
+    as a partition that knows its org, and as one whose first job this is."""
+    closes = []
+    for batches in (1, 5):
+        org = VirtualOrg(dequeue_s=2.0, batches=batches)
+        org.pacer(known_dequeue_s=known_dequeue_s).wait_turn("750J", batches * ROWS, closed=0.0)
+        closes.append(org.now)
+    assert closes[1] == pytest.approx(closes[0], abs=0.3)
+    assert 30.0 < closes[0] <= 38.5  # one dequeue delay before the batch ends at 38 s, or at its end
