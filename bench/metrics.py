@@ -246,7 +246,7 @@ def endpoint_group(key: str) -> str:
         return "bulk_ingest"
     if "/jobs/query" in path:
         return "bulk_query"
-    if "/ssot/" in path or path.startswith("/api/v1/") or path.startswith("/api/v2/"):
+    if "/ssot/" in path or path.startswith(("/api/v1/", "/api/v2/", "/api/v3/")):
         return "datacloud"
     return "rest"
 

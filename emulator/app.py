@@ -21,7 +21,9 @@ ROUTE_MODULES = (auth, rest, bulk_ingest, bulk_query, datacloud, control)
 
 # Collapse ids, versions and locators so that stats group requests by endpoint.
 # Record ids always contain a digit (their key prefix does), unlike path words such as "unprocessedrecords".
-_ID_SEGMENT = re.compile(r"/(?:(?=[a-zA-Z]*\d)(?:[a-zA-Z0-9]{18}|[a-zA-Z0-9]{15})|[0-9a-f-]{32,36}|01g[A-Za-z0-9]+-\d+)(?=/|$)")
+# Data Cloud v3 query ids are base64("ip:port") + "_" + hex.
+_ID_SEGMENT = re.compile(r"/(?:(?=[a-zA-Z]*\d)(?:[a-zA-Z0-9]{18}|[a-zA-Z0-9]{15})|[0-9a-f-]{32,36}|01g[A-Za-z0-9]+-\d+"
+                         r"|[A-Za-z0-9_-]{8,}_[0-9a-f]{8})(?=/|$)")
 _VERSION = re.compile(r"/v\d+\.\d+")
 
 

@@ -1,4 +1,5 @@
-"""Data Cloud: the a360 token exchange, the Query Connect API (``/ssot/query-sql``) and the tenant's Query API v1/v2.
+"""Data Cloud: the a360 token exchange, the Query Connect API (``/ssot/query-sql``) and the tenant's Query API
+v1/v2/v3.
 
 Every query runs once, for real, over the DMO in ``datacloud.sqlite`` (SQL translated by :mod:`emulator.dcsql`).
 SQLite renders each result row as a JSON array; a worker thread appends the rows, comma-separated, to one file per
@@ -28,16 +29,29 @@ Where the reference leaves the wire format open, this emulator chooses (clients 
   ``rowLimit`` and ``dc_page_max_bytes`` of row data; a ``Running`` query's ``/rows`` serves the rows that exist
   (long-polling for more); ``adaptiveTimeout`` (default and maximum 15 s) ends the POST's wait early;
 * the a360 exchange returns ``instance_url`` as a bare ``localhost:<port>`` (the same server) and a HS256 JWT with
-  ``audienceTenantId`` and ``exp``; only the ``default`` data space exists.
+  ``audienceTenantId`` and ``exp``; only the ``default`` data space exists;
+* Query API v3 (``/api/v3/query``, a360 token only): query ids are base64url("127.0.0.1:<port>") + ``_`` + 8 hex;
+  every answer carries ``x-hyperdb-status`` (compact JSON; the status GET also sends it as the body) with
+  ``completionStatus`` ``RUNNING_OR_UNSPECIFIED`` until every row exists, then ``FINISHED`` (``RESULTS_PRODUCED`` is
+  never sent) and ``chunkCount`` counting complete chunks of 100,000 rows (the last, partial one once finished);
+  ``waitTimeMs`` defaults to 10,000 as documented; ADAPTIVE returns the first chunk as query-sql's POST does, ASYNC
+  no rows; ``queryRowLimit`` caps the result itself (``rowCount`` never exceeds it); ``?``/``$n`` placeholders are
+  bound as parameters (a count mismatch is SQLSTATE 08P01); types are lowercase (``varchar``, ``numeric``,
+  ``bigint``, ``timestamptz``...); ``/rows`` pages at ``limit`` and ``byteLimit`` (1..20,000,000, else 400);
+  errors are the tenant body plus ``path`` and ``tenantId``, with the SQLSTATE in ``internalErrorCode`` (400); a
+  cancelled or expired query answers 410 ("was canceled" / "has expired"), an unknown id 404; JSON only (an
+  Accept of only Arrow answers 406).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -50,6 +64,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
+from http import HTTPStatus
 from itertools import accumulate, islice
 from pathlib import Path
 from typing import Any
@@ -57,7 +72,7 @@ from urllib.parse import parse_qs
 
 import jwt
 from fastapi import APIRouter, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from . import auth, dcsql
 from .errors import JSON_TYPE, json_response, not_found, oauth_error, sf_error
@@ -136,6 +151,7 @@ class Query:
     ready_at: float  # time.monotonic() when results become visible (modelled execution time)
     started: float = 0.0  # time.monotonic() at submission
     workload: str | None = None
+    max_rows: int | None = None  # v3 ``queryRowLimit``: the result stops after this many rows
     produced: int = 0  # rows written to the rows file
     # starts[i] = byte offset of row i in the file; starts[produced] = end (each row is followed by a comma)
     starts: array = field(default_factory=lambda: array("Q", [0]))
@@ -283,7 +299,8 @@ class DataCloud:
 
     # -- submitting ------------------------------------------------------------------------------------------------
     def submit(self, sql: Any, sql_parameters: Any = None, query_settings: Any = None, workload: str | None = None,
-               query_id: str | None = None, translation: dcsql.Translation | None = None) -> Query:
+               query_id: str | None = None, translation: dcsql.Translation | None = None,
+               max_rows: int | None = None) -> Query:
         """Translate and prepare ``sql`` (raising :class:`dcsql.SqlError`), then start it on a worker."""
         self.loop = asyncio.get_running_loop()
         tr = translation or dcsql.translate(sql, sql_parameters)
@@ -303,7 +320,7 @@ class DataCloud:
         qid = query_id or str(uuid.uuid4())
         started = time.monotonic()
         q = Query(qid, sql if isinstance(sql, str) else "", tr, names, types, self.results_dir / f"{qid}.rows", now,
-                  now + ttl, started + exec_s, started=started, workload=workload)
+                  now + ttl, started + exec_s, started=started, workload=workload, max_rows=max_rows)
         self.queries[qid] = q
         self.org.stats.add("dc_queries", 1)
         future = self.loop.run_in_executor(self.executor, self._materialise, q, timeout_s)
@@ -332,7 +349,8 @@ class DataCloud:
             starts = q.starts
             last_notify = 0.0
             while True:
-                rows = cur.fetchmany(FETCH_ROWS)
+                want = FETCH_ROWS if q.max_rows is None else min(FETCH_ROWS, q.max_rows - q.produced)
+                rows = cur.fetchmany(want) if want > 0 else []
                 if not rows or q.gone:
                     break
                 js = [r[0] for r in rows]
@@ -825,7 +843,7 @@ async def a360_token(request: Request) -> Response:
         "sub": found[0],
         "iss": org.instance_url,
         "aud": tenant_host(org),
-        "audienceTenantId": f"a360/emulator/{org.credentials.org_id.lower()}",
+        "audienceTenantId": _tenant_id(org),
         "dataspace": dataspace,
         "iat": now,
         "nbf": now,
@@ -845,20 +863,34 @@ async def a360_token(request: Request) -> Response:
 
 # -- tenant Query API v1 / v2 --------------------------------------------------------------------------------------
 
-def _tenant_error(status: int, error: str, message: str, status_text: str | None = None) -> Response:
-    """The tenant's error body (datacloud-jdbc fixtures): timestamp, error, message, internalErrorCode, details."""
+def _tenant_error(status: int, error: str, message: str, status_text: str | None = None,
+                  request: Request | None = None, code: str = "COMMON_ERROR_GENERIC",
+                  details: dict[str, Any] | None = None) -> Response:
+    """The tenant's error body (datacloud-jdbc fixtures): timestamp, error, message, internalErrorCode, details.
+
+    With ``request`` (Query API v3) it also carries ``path`` and ``tenantId``, as the v3 connector documents."""
     now = datetime.now(UTC)
-    return json_response({"timestamp": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}+0000",
-                          "error": error, "message": message, "internalErrorCode": "COMMON_ERROR_GENERIC",
-                          "details": {"status": status_text or message, "statusCode": status}}, status)
+    body: dict[str, Any] = {"timestamp": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}+0000",
+                            "error": error, "message": message}
+    if request is not None:
+        body["path"] = request.url.path
+        body["tenantId"] = _tenant_id(auth.org_of(request))
+    body["internalErrorCode"] = code
+    body["details"] = {"status": status_text or message, "statusCode": status, **(details or {})}
+    return json_response(body, status)
 
 
-def _tenant_session(request: Request) -> Response | None:
+def _tenant_id(org: Org) -> str:
+    return f"a360/emulator/{org.credentials.org_id.lower()}"  # the token's audienceTenantId
+
+
+def _tenant_session(request: Request, v3: bool = False) -> Response | None:
     try:
         auth.require_session(request, audience=auth.DATA_CLOUD_AUDIENCE)
     except auth.InvalidSession:
         return _tenant_error(401, "Unauthorized", "Authorization header verification failed",
-                             status_text="UNAUTHENTICATED: Invalid JWT (not before or expired)")
+                             status_text="UNAUTHENTICATED: Invalid JWT (not before or expired)",
+                             request=request if v3 else None)
     return None
 
 
@@ -1051,6 +1083,414 @@ async def v1_metadata(request: Request) -> Response:
             "primaryKeys": [{"name": "ExternalId__c", "displayName": "ExternalId", "indexOrder": "1"}],
         })
     return json_response({"metadata": out})
+
+
+# -- tenant Query API v3 -------------------------------------------------------------------------------------------
+
+V3_BYTE_LIMIT_MAX = 20_000_000  # /rows byteLimit: "Default and maximum is 20 MB (20000000)"
+V3_STREAM_SLICE = 256 * 1024  # a chunk is streamed from the rows file in slices of this size
+V3_TRANSFER_MODES = ("ADAPTIVE", "ASYNC")
+V3_PARAM_STYLES = ("QUESTION_MARK", "NAMED", "DOLLARED")
+# Data Cloud's type names in v3 metadata: lowercase (Hyper's).
+V3_TYPES = {"Varchar": "varchar", "Char": "char", "Numeric": "numeric", "BigInt": "bigint", "Integer": "integer",
+            "SmallInt": "smallint", "Double": "double", "Float": "double", "Boolean": "boolean", "Date": "date",
+            "Time": "time", "Timestamp": "timestamp", "TimestampTZ": "timestamptz"}
+# Parameter type spellings dcsql does not know, mapped to its names (it compares case-insensitively).
+_V3_PARAM_ALIASES = {"int": "Integer", "int2": "SmallInt", "int4": "Integer", "int8": "BigInt", "float4": "Float",
+                     "real": "Float", "float8": "Double", "double precision": "Double", "bpchar": "Char",
+                     "character varying": "Varchar", "character": "Char",
+                     "timestamp with time zone": "TimestampTZ", "timestamp without time zone": "Timestamp",
+                     "time without time zone": "Time"}
+_DOLLAR_PARAM = re.compile(r"\$(\d+)")
+
+
+class V3Error(Exception):
+    """An error on the v3 API: the tenant body with ``path``/``tenantId``; SQL errors carry their SQLSTATE."""
+
+    def __init__(self, status: int, message: str, code: str = "COMMON_ERROR_GENERIC",
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def of(cls, exc: Exception) -> V3Error:
+        if isinstance(exc, V3Error):
+            return exc
+        if isinstance(exc, dcsql.SqlError):
+            return cls(400, exc.message, exc.sqlstate, {"sqlState": exc.sqlstate, "customerDetail": exc.detail,
+                                                        "customerHint": exc.hint})
+        assert isinstance(exc, ApiError)
+        try:
+            parsed = json.loads(exc.message)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and "errorMessage" in parsed:  # ApiError.sql / ApiError.bad
+            return cls(exc.status, parsed["errorMessage"], details={
+                "customerDetail": parsed.get("customerDetail", ""), "customerHint": parsed.get("customerHint", "")})
+        return cls(exc.status, exc.message)
+
+    def response(self, request: Request) -> Response:
+        phrase = HTTPStatus(self.status).phrase
+        return _tenant_error(self.status, phrase, self.message, phrase, request=request, code=self.code,
+                             details=self.details)
+
+
+def _v3_query_id(org: Org) -> str:
+    """base64("ip:port") + "_" + 8 hex digits, like ``MTAuMjQuMTIzLjE5NDo3NDg0_cb6991ab``."""
+    host = "127.0.0.1" if org.host == "localhost" else org.host
+    node = base64.urlsafe_b64encode(f"{host}:{org.port}".encode()).decode().rstrip("=")
+    return f"{node}_{secrets.token_hex(4)}"
+
+
+def _v3_get(svc: DataCloud, qid: str) -> Query:
+    """The live query, else 410 (cancelled or expired, with the reason) or 404."""
+    try:
+        q = svc.get(qid)
+    except ApiError:
+        reason = svc.tombstones.get(qid)
+        if reason == "cancelled":
+            raise V3Error(410, f"Query {qid} was canceled", "57014",
+                          {"customerDetail": "The query was canceled by a DELETE request."}) from None
+        if reason == "expired":
+            raise V3Error(410, f"Query {qid} has expired", details={
+                "customerDetail": "You can't make requests to an expired query."}) from None
+        raise V3Error(404, f"Query {qid} not found") from None
+    if q.error is not None:
+        raise V3Error.of(q.error)
+    return q
+
+
+def _v3_status(q: Query) -> dict[str, Any]:
+    """The ``x-hyperdb-status`` object. ``chunkCount`` counts complete chunks (every chunk once finished)."""
+    finished = q.finished()
+    rows = q.visible()
+    if finished:
+        progress = 1.0
+    elif q.ready_at > q.started:
+        progress = round(min(0.99, (time.monotonic() - q.started) / (q.ready_at - q.started)), 2)
+    else:
+        progress = 0.0
+    end = max(q.finished_at or 0.0, q.created + (q.ready_at - q.started)) if finished else time.time()
+    return {
+        "queryId": q.id,
+        "completionStatus": "FINISHED" if finished else "RUNNING_OR_UNSPECIFIED",
+        "chunkCount": math.ceil(rows / CHUNK_ROWS) if finished else rows // CHUNK_ROWS,
+        "rowCount": rows,
+        "progress": progress,
+        "expirationTime": _iso(q.expires_at),
+        "executionStats": {"wallClockTime": round(max(0.0, end - q.created), 6),
+                           "rowsProcessed": max(q.rows_processed, rows) if finished else rows},
+    }
+
+
+def _v3_headers(q: Query) -> dict[str, str]:
+    return {"x-hyperdb-status": json.dumps(_v3_status(q), separators=(",", ":"))}
+
+
+def _v3_columns(svc: DataCloud, q: Query) -> list[dict[str, Any]]:
+    return [{**m, "type": V3_TYPES.get(m["type"], m["type"].lower())} for m in svc.metadata(q)]
+
+
+def _v3_body_head(svc: DataCloud, q: Query, omit_schema: bool) -> bytes:
+    head = b"{"
+    if not omit_schema:
+        head += b'"metadata":' + _dumps({"columns": _v3_columns(svc, q)}) + b","
+    return head + b'"data":['
+
+
+def _v3_page(svc: DataCloud, q: Query, data: bytes, n: int, omit_schema: bool = False) -> bytes:
+    return b"".join((_v3_body_head(svc, q, omit_schema), data, b'],"returnedRows":%d}' % n))
+
+
+def _v3_response(body: bytes, q: Query) -> Response:
+    return Response(body, media_type=JSON_TYPE, headers=_v3_headers(q))
+
+
+def _v3_params(sql: Any, style: str, parameters: Any) -> tuple[Any, list[dict[str, Any]] | None]:
+    """``sql`` and the ``{name, type, value}`` list dcsql binds: ``?`` and ``$n`` become ``:p<n>``.
+
+    Placeholders are found with dcsql's token grammar, so ``?``/``$1`` inside string literals, quoted identifiers
+    and comments stay as they are."""
+    if parameters is not None and not isinstance(parameters, list):
+        raise V3Error(400, "parameters must be an array of {type, value} objects")
+    params = parameters or []
+    out: list[dict[str, Any]] = []
+    for k, item in enumerate(params, 1):
+        if not isinstance(item, dict) or not isinstance(item.get("type"), str) or not item["type"].strip():
+            raise V3Error(400, f"parameters[{k - 1}]: each parameter requires type (string) and value (string)")
+        type_name = " ".join(item["type"].lower().split())
+        entry = {"name": f"p{k}", "type": _V3_PARAM_ALIASES.get(type_name, type_name), "value": item.get("value")}
+        if style == "NAMED":
+            if not isinstance(item.get("name"), str) or not item["name"].strip():
+                raise V3Error(400, f"parameters[{k - 1}]: paramStyle NAMED requires a name for every parameter")
+            entry["name"] = item["name"]
+        out.append(entry)
+    if style == "NAMED" or not isinstance(sql, str):
+        return sql, out if parameters is not None else None
+    parts: list[str] = []
+    used: set[int] = set()
+    count = 0
+    pos = last = 0
+    while pos < len(sql):
+        m = dcsql._TOKEN_RE.match(sql, pos)
+        if m is not None:
+            if m.lastgroup == "param":  # ``:name`` only with paramStyle NAMED
+                raise dcsql.SqlError(f'syntax error at or near "{m.group()}"',
+                                     hint="Named placeholders need paramStyle NAMED.", sqlstate="42601")
+            pos = m.end()
+            continue
+        if style == "QUESTION_MARK" and sql[pos] == "?":
+            count += 1
+            parts += [sql[last:pos], f":p{count}"]
+            used.add(count)
+            pos = last = pos + 1
+            continue
+        d = _DOLLAR_PARAM.match(sql, pos) if style == "DOLLARED" else None
+        if d is None:
+            break  # not SQL dcsql can read: its tokenizer reports the error
+        k = int(d.group(1))
+        if k < 1:
+            raise dcsql.SqlError(f"there is no parameter ${k}", sqlstate="42P02")
+        count = max(count, k)
+        parts += [sql[last:pos], f":p{k}"]
+        used.add(k)
+        pos = last = d.end()
+    parts.append(sql[last:])
+    if count != len(params):
+        raise dcsql.SqlError(f"bind message supplies {len(params)} parameters, but prepared statement requires "
+                             f"{count}", hint=f"paramStyle {style}: send one parameter per placeholder.",
+                             sqlstate="08P01")
+    return "".join(parts), out if out else None
+
+
+def _v3_check_request(request: Request) -> None:
+    ds = request.headers.get("ctx-dataspace-ds_name")
+    if ds and ds.lower() != "default":
+        raise V3Error(400, f"Dataspace '{ds}' doesn't exist or you don't have access to it.")
+    accept = request.headers.get("accept", "")
+    if "application/vnd.apache.arrow.stream" in accept and "json" not in accept and "*/*" not in accept:
+        raise V3Error(406, "This emulator serves application/json only (no Arrow IPC streams).")
+
+
+def _v3_int(request: Request, name: str, default: int | None, minimum: int = 0,
+            maximum: int | None = None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise V3Error(400, f"Invalid value for parameter {name}: {raw}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise V3Error(400, f"Invalid value for parameter {name}: {raw} (must be {bound})")
+    return value
+
+
+def _v3_bool(request: Request, name: str) -> bool:
+    try:
+        return _bool_param(request, name, False)
+    except ApiError as err:
+        raise V3Error(400, err.message) from None
+
+
+@router.post("/api/v3/query")
+async def v3_submit(request: Request) -> Response:
+    org = auth.org_of(request)
+    denied = _tenant_session(request, v3=True)
+    if denied is not None:
+        return denied
+    try:
+        await _delay(org)
+        _v3_check_request(request)
+        try:
+            body = await _json_body(request)
+        except ApiError as err:
+            raise V3Error(400, err.message) from None
+        if not isinstance(body, dict):
+            raise V3Error(400, "The request body must be a JSON object.")
+        sql = body.get("sql")
+        if not isinstance(sql, str) or not sql.strip():
+            raise V3Error(400, "sql is required")
+        mode = body.get("transferMode", "ADAPTIVE")
+        if mode not in V3_TRANSFER_MODES:
+            raise V3Error(400, f"Invalid transferMode: {mode!r} (ASYNC or ADAPTIVE)")
+        style = body.get("paramStyle", "QUESTION_MARK")
+        if style not in V3_PARAM_STYLES:
+            raise V3Error(400, f"Invalid paramStyle: {style!r} (QUESTION_MARK, NAMED or DOLLARED)")
+        row_limit = body.get("queryRowLimit")
+        if row_limit is not None and (isinstance(row_limit, bool) or not isinstance(row_limit, int) or row_limit < 0):
+            raise V3Error(400, f"Invalid queryRowLimit: {row_limit!r}")
+        settings = body.get("settings")
+        if settings is not None and not isinstance(settings, dict):
+            raise V3Error(400, "settings must be an object")
+        # settings.timezone / settings.language and resultRange are accepted and ignored.
+        sql, parameters = _v3_params(sql, style, body.get("parameters"))
+        svc = service(org)
+        q = svc.submit(sql, parameters, settings, request.headers.get("x-hyperdb-workload"),
+                       query_id=_v3_query_id(org), max_rows=row_limit)
+        data, n = b"", 0
+        if mode == "ADAPTIVE":
+            p = org.profile
+            first_rows = p.dc_first_page_max_rows if row_limit is None else min(p.dc_first_page_max_rows, row_limit)
+            cap = math.inf if row_limit is None else row_limit  # all of a capped result: wait for FINISHED
+            await svc.wait(q, lambda: q.finished() or first_rows <= q.visible() < cap,
+                           p.scaled(ADAPTIVE_TIMEOUT_MAX_S))
+            q = _v3_get(svc, q.id)
+            data, n = svc.read_rows(q, 0, first_rows, min(p.dc_page_max_bytes, FIRST_PAGE_MAX_BYTES))
+            if n:
+                _count_page(org, n)
+        out = _v3_page(svc, q, data, n)
+        await _delay(org, len(out), latency=False)
+        return _v3_response(out, q)
+    except (V3Error, ApiError, dcsql.SqlError) as err:
+        return V3Error.of(err).response(request)
+
+
+@router.get("/api/v3/query/{query_id}")
+async def v3_status(query_id: str, request: Request) -> Response:
+    org = auth.org_of(request)
+    denied = _tenant_session(request, v3=True)
+    if denied is not None:
+        return denied
+    try:
+        await _delay(org)
+        # "waitTimeMs ... Default and maximum: 10000"
+        wait_ms = min(_v3_int(request, "waitTimeMs", STATUS_WAIT_MAX_MS) or 0, STATUS_WAIT_MAX_MS,
+                      org.profile.dc_status_long_poll_max_ms)
+        svc = service(org)
+        q = _v3_get(svc, query_id)
+        if wait_ms:
+            await svc.wait(q, q.finished, org.profile.scaled(wait_ms / 1000))
+            q = _v3_get(svc, query_id)
+        status = _v3_status(q)
+        return json_response(status, headers={"x-hyperdb-status": json.dumps(status, separators=(",", ":"))})
+    except (V3Error, ApiError) as err:
+        return V3Error.of(err).response(request)
+
+
+@router.get("/api/v3/query/{query_id}/rows")
+async def v3_rows(query_id: str, request: Request) -> Response:
+    org = auth.org_of(request)
+    denied = _tenant_session(request, v3=True)
+    if denied is not None:
+        return denied
+    try:
+        await _delay(org)
+        if request.query_params.get("offset") in (None, ""):
+            raise V3Error(400, "Missing required parameter offset")
+        offset = _v3_int(request, "offset", 0) or 0
+        limit = _v3_int(request, "limit", None, minimum=1)
+        byte_limit = _v3_int(request, "byteLimit", V3_BYTE_LIMIT_MAX, minimum=1, maximum=V3_BYTE_LIMIT_MAX)
+        omit_schema = _v3_bool(request, "omitSchema")
+        svc = service(org)
+        q = _v3_get(svc, query_id)
+        if offset >= q.visible() and not q.finished():
+            # Still running: long-poll for the rows at ``offset``, as query-sql's /rows does.
+            await svc.wait(q, lambda: q.visible() > offset or q.finished(),
+                           org.profile.scaled(org.profile.dc_status_long_poll_max_ms / 1000))
+            q = _v3_get(svc, query_id)
+        total = q.visible()
+        if q.finished() and offset >= total and not (offset == 0 and total == 0):
+            raise V3Error(400, f"Request out of range: offset {offset} is beyond the last row of the result "
+                          f"({total} rows)", details={"customerHint": "Stop paging when offset reaches rowCount."})
+        head = _v3_body_head(svc, q, omit_schema)
+        # byteLimit bounds the whole body (the envelope's tail is at most 40 bytes); at least one row is sent
+        data, n = svc.read_rows(q, offset, limit if limit is not None else max(total - offset, 0),
+                                max(0, byte_limit - len(head) - 40))
+        out = b"".join((head, data, b'],"returnedRows":%d}' % n))
+        _count_page(org, n)
+        await _delay(org, len(out), latency=False)
+        return _v3_response(out, q)
+    except (V3Error, ApiError) as err:
+        return V3Error.of(err).response(request)
+
+
+@router.get("/api/v3/query/{query_id}/chunks/{chunk_id}")
+async def v3_chunk(query_id: str, chunk_id: str, request: Request) -> Response:
+    """Chunk n = rows [n * CHUNK_ROWS, (n + 1) * CHUNK_ROWS), streamed from the rows file (chunked encoding)."""
+    org = auth.org_of(request)
+    denied = _tenant_session(request, v3=True)
+    if denied is not None:
+        return denied
+    try:
+        await _delay(org)
+        omit_schema = _v3_bool(request, "omitSchema")
+        try:
+            n = int(chunk_id)
+        except ValueError:
+            raise V3Error(400, f"Invalid chunkId: {chunk_id}") from None
+        svc = service(org)
+        q = _v3_get(svc, query_id)
+        if n >= 0 and not q.finished() and q.visible() < (n + 1) * CHUNK_ROWS:
+            await svc.wait(q, lambda: q.finished() or q.visible() >= (n + 1) * CHUNK_ROWS,
+                           org.profile.scaled(org.profile.dc_status_long_poll_max_ms / 1000))
+            q = _v3_get(svc, query_id)
+        count = _v3_status(q)["chunkCount"]
+        if not 0 <= n < count:
+            raise V3Error(400, f"Request out of range: chunk {n} does not exist (chunkCount {count}"
+                          + ("" if q.finished() else ", the query is still running") + ")")
+        first, stop = n * CHUNK_ROWS, min(q.visible(), (n + 1) * CHUNK_ROWS)
+        head = _v3_body_head(svc, q, omit_schema)
+        headers = _v3_headers(q)
+        try:
+            fd = os.open(q.path, os.O_RDONLY)
+        except FileNotFoundError:  # dropped under us: cancelled or expired
+            raise V3Error(410, f"Query {query_id} has expired") from None
+    except (V3Error, ApiError) as err:
+        return V3Error.of(err).response(request)
+    begin, end = q.starts[first], q.starts[stop] - 1  # row data without the trailing comma
+    _count_page(org, stop - first)
+
+    async def body():
+        try:
+            yield head
+            pos = begin
+            while pos < end:
+                piece = os.pread(fd, min(V3_STREAM_SLICE, end - pos), pos)
+                if not piece:
+                    raise OSError(f"rows file ended early at byte {pos}")
+                pos += len(piece)
+                await _delay(org, len(piece), latency=False)
+                yield piece
+            yield b'],"returnedRows":%d}' % (stop - first)
+        finally:
+            os.close(fd)
+
+    return StreamingResponse(body(), media_type=JSON_TYPE, headers=headers)
+
+
+@router.get("/api/v3/query/{query_id}/metadata")
+async def v3_metadata(query_id: str, request: Request) -> Response:
+    org = auth.org_of(request)
+    denied = _tenant_session(request, v3=True)
+    if denied is not None:
+        return denied
+    try:
+        await _delay(org)
+        svc = service(org)
+        q = _v3_get(svc, query_id)
+        if q.metadata is None and any(t is None for t in q.types):  # types read off the first rows
+            await svc.wait(q, lambda: q.visible() > 0 or q.finished(),
+                           org.profile.scaled(org.profile.dc_status_long_poll_max_ms / 1000))
+            q = _v3_get(svc, query_id)
+        return json_response({"metadata": {"columns": _v3_columns(svc, q)}}, headers=_v3_headers(q))
+    except (V3Error, ApiError) as err:
+        return V3Error.of(err).response(request)
+
+
+@router.delete("/api/v3/query/{query_id}")
+async def v3_cancel(query_id: str, request: Request) -> Response:
+    org = auth.org_of(request)
+    denied = _tenant_session(request, v3=True)
+    if denied is not None:
+        return denied
+    await _delay(org)
+    await service(org).expire(query_id, reason="cancelled")
+    return Response(status_code=204)  # "Always returns 204 No Content"
 
 
 # -- control plane -------------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ SF_COLUMNS = ("o.ExternalId__c", "a.ExternalId__c", "o.Name", "o.StageName", "o.
 DEFAULT_CONF: dict[str, Any] = {"partitions": 4, "target_partition_rows": None, "partition_key": "account",
                                 "max_records_per_job": 100_000, "dry_run": False, "tolerance": 0, "partitions_per_task": 1}
 #: Test-speed timings of the load settings (production waits seconds to minutes).
+# A Data Cloud page of rows, on either query API (faults slow it down to hold a run mid-read).
+DC_ROWS_PATH = r"(/ssot/query-sql|/api/v3/query)/[^/]+/rows"
 FAST_LOAD = {"transient_backoff_s": 0.05, "transient_retry_budget": 10, "poll_interval_s": 0.1, "poll_max_interval_s": 0.5}
 
 

@@ -1,4 +1,4 @@
-"""Data Cloud over real HTTPS: the a360 token exchange, the Query Connect API (query-sql) and Query API v1/v2."""
+"""Data Cloud over real HTTPS: the a360 token exchange, the Query Connect API (query-sql) and Query API v1/v2/v3."""
 
 from __future__ import annotations
 
@@ -526,3 +526,268 @@ def test_v1_metadata_lists_the_dmo(emu):
     assert {"name": "CloseDate__c", "displayName": "CloseDate", "type": "DATE"} in dmo["fields"]
     assert tenant.get(f"{url}/api/v1/metadata", params={"entityName": "Nope__dlm"}, timeout=30).json() == {
         "metadata": []}
+
+
+# -- Query API v3 on the tenant -------------------------------------------------------------------------------------
+
+V3_ERROR_KEYS = {"timestamp", "error", "message", "path", "tenantId", "internalErrorCode", "details"}
+V3_STATUS_KEYS = {"queryId", "completionStatus", "chunkCount", "rowCount", "progress", "expirationTime",
+                  "executionStats"}
+DMO_SORTED = f'SELECT * FROM "{DMO_NAME}" ORDER BY "ExternalId__c"'
+
+
+def _v3(emu: EmulatorProcess) -> tuple[requests.Session, str]:
+    tenant, url = _tenant(emu)
+    return tenant, f"{url}/api/v3/query"
+
+
+def hyper_status(resp: requests.Response) -> dict[str, Any]:
+    status = json.loads(resp.headers["x-hyperdb-status"])
+    assert set(status) == V3_STATUS_KEYS
+    assert set(status["executionStats"]) == {"wallClockTime", "rowsProcessed"}
+    return status
+
+
+def v3_submit(tenant: requests.Session, url: str, sql: str, **body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    resp = tenant.post(url, json={"sql": sql, **body}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json(), hyper_status(resp)
+
+
+def v3_wait(tenant: requests.Session, url: str, qid: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:
+        resp = tenant.get(f"{url}/{qid}", params={"waitTimeMs": 10000}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        status = hyper_status(resp)
+        assert resp.json() == status  # header and body both
+        if status["completionStatus"] in ("FINISHED", "RESULTS_PRODUCED"):
+            return status
+        assert status["completionStatus"] == "RUNNING_OR_UNSPECIFIED"
+        assert time.monotonic() < deadline
+
+
+def v3_error(resp: requests.Response, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == V3_ERROR_KEYS
+    assert body["tenantId"].startswith("a360/") and body["path"].startswith("/api/v3/query")
+    assert body["details"]["statusCode"] == status
+    return body
+
+
+def test_v3_adaptive_returns_first_rows_inline(emu):
+    tenant, url = _v3(emu)
+    body, status = v3_submit(tenant, url, 'SELECT "ExternalId__c", "CloseDate__c", "Amount__c", '
+                                          '"LastModifiedDate__c", count(*) OVER () AS total FROM '
+                                          '"Opportunity_Sync__dlm" WHERE "ExternalId__c" IS NOT NULL ORDER BY 1 '
+                                          'LIMIT 3', settings={"timezone": "Etc/UTC", "language": "de_DE"})
+    assert list(body) == ["metadata", "data", "returnedRows"]
+    assert body["metadata"] == {"columns": [
+        {"name": "ExternalId__c", "type": "varchar", "nullable": True},
+        {"name": "CloseDate__c", "type": "date", "nullable": True},
+        {"name": "Amount__c", "type": "numeric", "nullable": True, "precision": 38, "scale": 18},
+        {"name": "LastModifiedDate__c", "type": "timestamptz", "nullable": True},
+        {"name": "total", "type": "bigint", "nullable": True},
+    ]}
+    first = expected_sorted()[0]
+    assert body["returnedRows"] == 3 == len(body["data"])
+    assert body["data"][0] == [first[0], first[4], first[5], first[10], len(NON_NULL_KEYS)]
+    assert status["completionStatus"] == "FINISHED" and status["rowCount"] == 3 and status["chunkCount"] == 1
+    assert status["progress"] == 1.0 and status["executionStats"]["rowsProcessed"] >= 3
+    node, suffix = status["queryId"].rsplit("_", 1)
+    assert len(suffix) == 8 and int(suffix, 16) >= 0
+    assert base64.urlsafe_b64decode(node + "=" * (-len(node) % 4)).decode() == f"127.0.0.1:{emu.port}"
+    # a bigger result: only the first chunk comes inline
+    body, status = v3_submit(tenant, url, 'SELECT "ExternalId__c" FROM "Opportunity_Sync__dlm" ORDER BY 1')
+    assert 0 < body["returnedRows"] == len(body["data"]) <= INSTANT.dc_first_page_max_rows < N_ROWS
+    assert status["rowCount"] >= body["returnedRows"]
+    assert v3_wait(tenant, url, status["queryId"])["rowCount"] == N_ROWS
+
+
+def test_v3_async_status_long_poll_and_byte_limited_rows(http, emu):
+    tenant, url = _v3(emu)
+    emu.control("PUT", "profile", {"name": "instant", "dc_execution_s": 0.5})
+    body, status = v3_submit(tenant, url, DMO_SORTED + " ", transferMode="ASYNC")
+    assert body["data"] == [] and body["returnedRows"] == 0
+    assert status["completionStatus"] == "RUNNING_OR_UNSPECIFIED" and status["rowCount"] == 0
+    qid = status["queryId"]
+    done = v3_wait(tenant, url, qid)
+    assert done["rowCount"] == N_ROWS and done["chunkCount"] == 1 and done["progress"] == 1.0
+    rows: list[list[Any]] = []
+    pages = []
+    while len(rows) < done["rowCount"]:
+        resp = tenant.get(f"{url}/{qid}/rows", params={"offset": len(rows), "byteLimit": 40_000,
+                                                       "omitSchema": "true" if rows else "false"}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        assert hyper_status(resp)["queryId"] == qid
+        assert ("metadata" in page) == (not rows)
+        assert page["returnedRows"] == len(page["data"]) > 0
+        pages.append((page["returnedRows"], len(resp.content)))
+        rows.extend(page["data"])
+    assert len(pages) > 5
+    assert all(size <= 40_000 or n == 1 for n, size in pages)  # byteLimit bounds the whole body
+    assert [tuple(r) for r in rows] == expected_sorted()
+    direct, meta, _, _ = read_all(http, emu, DMO_SORTED)
+    assert rows == direct
+    limited = tenant.get(f"{url}/{qid}/rows", params={"offset": 10, "limit": 7}, timeout=30).json()
+    assert limited["returnedRows"] == 7 and limited["data"] == direct[10:17]
+    assert [c["name"] for c in limited["metadata"]["columns"]] == [m["name"] for m in meta]
+
+
+@pytest.mark.parametrize("style", ["NAMED", "QUESTION_MARK", "DOLLARED"])
+@pytest.mark.parametrize("value", ["it's", ":name and $1 and ?"])
+def test_v3_parameter_styles(emu, style, value):
+    tenant, url = _v3(emu)
+    mark = {"NAMED": (":name", ":p"), "QUESTION_MARK": ("?", "?"), "DOLLARED": ("$1", "$2")}[style]
+    sql = (f"SELECT \"Name__c\" AS \"who?\", count(*) AS n, '? $1 it''s' AS lit -- a ? and $1 in a comment\n"
+           f'FROM "Opportunity_Sync__dlm" WHERE "Name__c" = {mark[0]} AND "Probability__c" >= {mark[1]} '
+           "GROUP BY 1")
+    params = [{"type": "varchar", "value": value}, {"type": "numeric", "value": "0"}]
+    if style == "NAMED":
+        params = [{"name": "name", **params[0]}, {"name": "p", **params[1]}]
+    body, status = v3_submit(tenant, url, sql, paramStyle=style, parameters=params)
+    assert body["data"] == [[value, sum(1 for r in ROWS if r[2] == value), "? $1 it's"]]
+    assert [c["name"] for c in body["metadata"]["columns"]] == ["who?", "n", "lit"]
+    assert status["completionStatus"] == "FINISHED"
+
+
+def test_v3_parameter_types_and_count_mismatch(emu):
+    tenant, url = _v3(emu)
+    lo, hi = NON_NULL_KEYS[100], NON_NULL_KEYS[900]
+    body, _ = v3_submit(tenant, url, 'SELECT "ExternalId__c" FROM "Opportunity_Sync__dlm" WHERE "ExternalId__c" >= $1 '
+                                     'AND "ExternalId__c" < $2 AND "LastModifiedDate__c" >= $3 AND "CloseDate__c" < $4 '
+                                     'ORDER BY 1 LIMIT $5', paramStyle="DOLLARED", parameters=[
+                                         {"type": "varchar", "value": lo}, {"type": "varchar", "value": hi},
+                                         {"type": "timestamptz", "value": "2026-01-10T00:00:00+00:00"},
+                                         {"type": "date", "value": "2026-10-01"}, {"type": "bigint", "value": "5"}])
+    expected = sorted(r[0] for r in ROWS if r[0] is not None and lo <= r[0] < hi
+                      and r[10] >= "2026-01-10T00:00:00.000Z" and r[4] < "2026-10-01")[:5]
+    assert [r[0] for r in body["data"]] == expected
+    body, _ = v3_submit(tenant, url, "SELECT ? AS b, ? AS i", parameters=[{"type": "boolean", "value": "true"},
+                                                                          {"type": "integer", "value": "7"}])
+    assert body["data"] == [[True, 7]]
+    assert [c["type"] for c in body["metadata"]["columns"]] == ["boolean", "integer"]
+    err = v3_error(tenant.post(url, json={"sql": "SELECT ? AS a, ? AS b", "parameters": [
+        {"type": "varchar", "value": "x"}]}, timeout=30), 400)
+    assert err["internalErrorCode"] == "08P01" and "requires 2" in err["message"]
+    err = v3_error(tenant.post(url, json={"sql": "SELECT $2 AS a", "paramStyle": "DOLLARED", "parameters": [
+        {"type": "varchar", "value": "x"}]}, timeout=30), 400)
+    assert err["internalErrorCode"] == "08P01"
+    err = v3_error(tenant.post(url, json={"sql": "SELECT ? AS a", "parameters": [
+        {"type": "integer", "value": "1; DROP TABLE x"}]}, timeout=30), 400)
+    assert err["internalErrorCode"] == "22P02" and "invalid input syntax for type integer" in err["message"]
+
+
+def test_v3_request_and_sql_errors(emu):
+    tenant, url = _v3(emu)
+    err = v3_error(tenant.post(url, json={"sql": 'SELECT "Nope__c" FROM "Opportunity_Sync__dlm"'}, timeout=30), 400)
+    assert err["message"] == 'column "Nope__c" does not exist' and err["internalErrorCode"] == "42703"
+    assert err["path"] == "/api/v3/query" and err["error"] == "Bad Request"
+    for bad in ({"sql": "SELECT 1", "transferMode": "SYNC"}, {"sql": "SELECT 1", "paramStyle": "PERCENT"},
+                {"sql": "SELECT 1", "queryRowLimit": -1}, {"transferMode": "ASYNC"}, {"sql": ""}):
+        v3_error(tenant.post(url, json=bad, timeout=30), 400)
+    v3_error(tenant.post(url, data=b"{nope", headers={"Content-Type": "application/json"}, timeout=30), 400)
+    missing = v3_error(tenant.get(f"{url}/MTI3LjAuMC4xOjE_00000000", timeout=30), 404)
+    assert "not found" in missing["message"]
+
+
+def test_v3_query_row_limit_caps_the_result(emu):
+    tenant, url = _v3(emu)
+    body, status = v3_submit(tenant, url, DMO_SORTED, queryRowLimit=5)
+    assert body["returnedRows"] == 5 and status["rowCount"] == 5 and status["completionStatus"] == "FINISHED"
+    assert [tuple(r) for r in body["data"]] == expected_sorted()[:5]
+    body, status = v3_submit(tenant, url, DMO_SORTED, queryRowLimit=2500, transferMode="ASYNC")
+    assert v3_wait(tenant, url, status["queryId"])["rowCount"] == 2500
+    body, status = v3_submit(tenant, url, DMO_SORTED, queryRowLimit=0)
+    assert body["data"] == [] and status["rowCount"] == 0 and status["chunkCount"] == 0
+    empty = tenant.get(f"{url}/{status['queryId']}/rows", params={"offset": 0}, timeout=30)
+    assert empty.status_code == 200 and empty.json()["returnedRows"] == 0
+
+
+def test_v3_rows_offset_and_byte_limit_errors(emu):
+    tenant, url = _v3(emu)
+    _, status = v3_submit(tenant, url, 'SELECT "ExternalId__c" FROM "Opportunity_Sync__dlm" LIMIT 10')
+    rows = f"{url}/{status['queryId']}/rows"
+    err = v3_error(tenant.get(rows, params={"offset": 10}, timeout=30), 400)
+    assert "out of range" in err["message"].lower()
+    assert tenant.get(rows, params={"offset": 9}, timeout=30).json()["returnedRows"] == 1
+    assert "offset" in v3_error(tenant.get(rows, timeout=30), 400)["message"]
+    v3_error(tenant.get(rows, params={"offset": -1}, timeout=30), 400)
+    err = v3_error(tenant.get(rows, params={"offset": 0, "byteLimit": 20_000_001}, timeout=30), 400)
+    assert "byteLimit" in err["message"]
+    v3_error(tenant.get(rows, params={"offset": 0, "byteLimit": 0}, timeout=30), 400)
+    v3_error(tenant.get(rows, params={"offset": 0, "limit": 0}, timeout=30), 400)
+    ok = tenant.get(rows, params={"offset": 0, "byteLimit": 20_000_000, "omitSchema": "true"}, timeout=30)
+    assert ok.status_code == 200 and list(ok.json()) == ["data", "returnedRows"] and ok.json()["returnedRows"] == 10
+    assert tenant.get(rows, params={"offset": 0, "byteLimit": 1}, timeout=30).json()["returnedRows"] == 1
+
+
+def test_v3_chunks_stream_with_chunked_encoding(emu):
+    tenant, url = _v3(emu)
+    total = 210_000
+    _, status = v3_submit(tenant, url, f"SELECT n, 'r' || n AS s FROM generate_series(1, {total}) AS t(n) "
+                                       "ORDER BY n", transferMode="ASYNC")
+    qid = status["queryId"]
+    done = v3_wait(tenant, url, qid)
+    assert done["rowCount"] == total and done["chunkCount"] == 3
+    rows: list[list[Any]] = []
+    for chunk in range(done["chunkCount"]):
+        resp = tenant.get(f"{url}/{qid}/chunks/{chunk}", params={"omitSchema": "true" if chunk else "false"},
+                          timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers.get("transfer-encoding") == "chunked" and "content-length" not in resp.headers
+        assert hyper_status(resp)["completionStatus"] == "FINISHED"
+        body = resp.json()
+        assert ("metadata" in body) == (chunk == 0)
+        assert body["returnedRows"] == len(body["data"]) == min(100_000, total - chunk * 100_000)
+        rows.extend(body["data"])
+    assert rows == [[n, f"r{n}"] for n in range(1, total + 1)]
+    v3_error(tenant.get(f"{url}/{qid}/chunks/3", timeout=30), 400)
+    v3_error(tenant.get(f"{url}/{qid}/chunks/-1", timeout=30), 400)
+    v3_error(tenant.get(f"{url}/{qid}/chunks/x", timeout=30), 400)
+    meta = tenant.get(f"{url}/{qid}/metadata", timeout=30)
+    assert meta.status_code == 200 and meta.json() == {"metadata": {"columns": [
+        {"name": "n", "type": "bigint", "nullable": True}, {"name": "s", "type": "varchar", "nullable": True}]}}
+
+
+def test_v3_metadata_of_an_async_query(emu):
+    tenant, url = _v3(emu)
+    _, status = v3_submit(tenant, url, DMO_SORTED, transferMode="ASYNC")
+    meta = tenant.get(f"{url}/{status['queryId']}/metadata", timeout=30)
+    assert meta.status_code == 200, meta.text
+    cols = meta.json()["metadata"]["columns"]
+    assert [c["name"] for c in cols] == list(DMO_COLUMNS)
+    assert {"name": "Amount__c", "type": "numeric", "nullable": True, "precision": 38, "scale": 18} in cols
+
+
+def test_v3_delete_is_idempotent_and_ends_the_query(emu):
+    tenant, url = _v3(emu)
+    _, status = v3_submit(tenant, url, DMO_SORTED, transferMode="ASYNC")
+    qid = status["queryId"]
+    for _ in range(2):
+        resp = tenant.delete(f"{url}/{qid}", timeout=30)
+        assert resp.status_code == 204 and resp.content == b""
+    err = v3_error(tenant.get(f"{url}/{qid}/rows", params={"offset": 0}, timeout=30), 410)
+    assert "canceled" in err["message"]
+    assert "canceled" in v3_error(tenant.get(f"{url}/{qid}", timeout=30), 410)["message"]
+    v3_error(tenant.get(f"{url}/{qid}/chunks/0", timeout=30), 410)
+    assert tenant.delete(f"{url}/MTI3LjAuMC4xOjE_00000000", timeout=30).status_code == 204
+    _, status = v3_submit(tenant, url, "SELECT 1 AS one")
+    emu.control("POST", "datacloud/expire", {"queryId": status["queryId"]})
+    err = v3_error(tenant.get(f"{url}/{status['queryId']}/rows", params={"offset": 0}, timeout=30), 410)
+    assert "expired" in err["message"]
+
+
+def test_v3_requires_the_data_cloud_token(emu):
+    tenant, url = _v3(emu)
+    for token in (emu.access_token(), None, "bogus"):
+        s = _session(emu, token)
+        err = v3_error(s.post(url, json={"sql": "SELECT 1"}, timeout=30), 401)
+        assert err["message"] == "Authorization header verification failed"
+        v3_error(s.get(f"{url}/MTI3LjAuMC4xOjE_00000000", timeout=30), 401)
+        v3_error(s.delete(f"{url}/MTI3LjAuMC4xOjE_00000000", timeout=30), 401)
+    arrow = tenant.post(url, json={"sql": "SELECT 1"}, headers={"Accept": "application/vnd.apache.arrow.stream"},
+                        timeout=30)
+    v3_error(arrow, 406)

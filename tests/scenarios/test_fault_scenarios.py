@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from emulator.harness import EmulatorProcess
-from tests.e2e_support import Reconciliation, assert_no_secrets, assert_nothing_lost, run, xcom
+from tests.e2e_support import DC_ROWS_PATH, Reconciliation, assert_no_secrets, assert_nothing_lost, run, xcom
 from tests.scenarios.conftest import EXPECTED_FAILED
 
 #: Every path except the OAuth token endpoints (they get their own, lower rate).
@@ -170,7 +170,7 @@ def test_datacloud_query_expires_mid_partition(scen_dag: Any, org: EmulatorProce
     """6. Data Cloud drops the query results while partitions stream: each resumes after its last committed key."""
     # Small pages, each a little slow, so a partition's read spans many requests and several expiries.
     org.control("PUT", "profile", {"name": "instant", "dc_first_page_max_rows": 100, "dc_page_max_bytes": 20_000})
-    org.set_faults(rules=[{"path": r"/ssot/query-sql/[^/]+/rows", "status": 0, "latency_ms": 120, "rate": 1.0}])
+    org.set_faults(rules=[{"path": DC_ROWS_PATH, "status": 0, "latency_ms": 120, "rate": 1.0}])
     try:
         with every(0.8, lambda: org.control("POST", "datacloud/expire", {})) as expiries:
             dr = run(scen_dag, org, partitions=3, partition_key="external_id", max_records_per_job=300)

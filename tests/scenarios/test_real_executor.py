@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from emulator.harness import EmulatorProcess
-from tests.e2e_support import DAG_ID, ROOT, assert_no_secrets, reconcile_rows, write_settings
+from tests.e2e_support import DAG_ID, DC_ROWS_PATH, ROOT, assert_no_secrets, reconcile_rows, write_settings
 
 # Airflow takes up to a minute to start on two busy cores; the whole module must still end well within this.
 pytestmark = [pytest.mark.slow, pytest.mark.real_executor, pytest.mark.timeout(600)]
@@ -246,7 +246,7 @@ def test_worker_sigkill_mid_job_resumes_without_duplicates(airflow_rx: Standalon
     # still streaming while its first jobs are InProgress.
     org.control("PUT", "profile", {"name": "instant", "dc_first_page_max_rows": 100, "dc_page_max_bytes": 20_000,
                                    "per_record_ms": 4})
-    org.set_faults(rules=[{"path": r"/ssot/query-sql/[^/]+/rows", "status": 0, "latency_ms": 300, "rate": 1.0}])
+    org.set_faults(rules=[{"path": DC_ROWS_PATH, "status": 0, "latency_ms": 300, "rate": 1.0}])
     try:
         run_id = airflow_rx.trigger(partitions=1, partition_key="account", max_records_per_job=300,
                                     target_partition_rows=None, dry_run=False, tolerance=0)
@@ -299,7 +299,7 @@ def test_marking_the_run_failed_aborts_every_open_job(airflow_rx: Standalone, rx
     # of 5 rows (1 s): an aborted job stops within a second, so the emulator's reset never waits for one.
     org.control("PUT", "profile", {"name": "instant", "per_record_ms": 200, "chunk_records": 5,
                                    "dc_first_page_max_rows": 100, "dc_page_max_bytes": 20_000})
-    org.set_faults(rules=[{"path": r"/ssot/query-sql/[^/]+/rows", "status": 0, "latency_ms": 600, "rate": 1.0}])
+    org.set_faults(rules=[{"path": DC_ROWS_PATH, "status": 0, "latency_ms": 600, "rate": 1.0}])
     try:
         run_id = airflow_rx.trigger(partitions=2, partition_key="account", max_records_per_job=200,
                                     target_partition_rows=None, dry_run=False, tolerance=0, partitions_per_task=1)

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_API_VERSION = "62.0"
 DEFAULT_LOGIN_URL = "https://login.salesforce.com"
+# Which Data Cloud query API to read with: "v3" (tenant host, a360 token, pages up to 20 MB) or "query-sql" (the
+# Query Connect API on the core host, pages of ~2 MB).
+DATACLOUD_QUERY_APIS = ("v3", "query-sql")
+DEFAULT_DATACLOUD_QUERY_API = "v3"
 AUTH_TYPES = ("client_credentials", "jwt", "refresh_token", "password", "provider")
 JWT_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _VERSION_RE = re.compile(r"^v?(\d{2,3}\.\d)$")
@@ -150,7 +154,9 @@ def error_from_response(status: int, body: bytes, *, method: str = "", url: str 
             message += "".join(f"; {p.get('errorCode')}: {p.get('message')}" for p in payload[1:]
                                if isinstance(p, dict))
     elif isinstance(payload, dict):
-        if "error" in payload and ("error_description" in payload or isinstance(payload["error"], str)):
+        # OAuth's {"error", "error_description"}; Data Cloud's tenant host says {"error": "Bad Request", "message"}.
+        if "error" in payload and ("error_description" in payload or
+                                   (isinstance(payload["error"], str) and "message" not in payload)):
             code = str(payload.get("error"))
             message = str(payload.get("error_description") or "")
             cls: type[SalesforceApiError] = SalesforceAuthError if method == "POST" and "oauth2" in url else \
@@ -225,6 +231,7 @@ class ConnectionConfig:
     read_timeout: float = 300.0
     dataspace: str = "default"
     workload_name: str = "airflow-sf-datacloud-sync"
+    datacloud_query_api: str = DEFAULT_DATACLOUD_QUERY_API
     password: str | None = field(default=None, repr=False)
     security_token: str | None = field(default=None, repr=False)
     client_secret: str | None = field(default=None, repr=False)
@@ -298,7 +305,11 @@ class ConnectionConfig:
             "proxies": proxies or None,
             "dataspace": str(extra("dataspace") or "default"),
             "workload_name": str(extra("workload_name") or "airflow-sf-datacloud-sync"),
+            "datacloud_query_api": str(extra("datacloud_query_api") or DEFAULT_DATACLOUD_QUERY_API).lower(),
         }
+        if values["datacloud_query_api"] not in DATACLOUD_QUERY_APIS:
+            raise SalesforceConfigError(f"connection extra 'datacloud_query_api' must be one of "
+                                        f"{', '.join(DATACLOUD_QUERY_APIS)}, got {extra('datacloud_query_api')!r}")
         for name in ("connect_timeout", "read_timeout"):
             if extra(name) is not None:
                 try:

@@ -1,14 +1,15 @@
-"""Read Data Cloud rows through the Query Connect API (``/services/data/vXX.X/ssot/query-sql``).
+"""Read Data Cloud rows through Query API v3 (tenant host) or the Query Connect API (``ssot/query-sql``).
 
-The query runs once on the server; rows then come page by page from ``/rows?offset=&rowLimit=`` until
-``status.rowCount`` is reached, so a result of any size is read with flat memory. The submit response holds
-only a first slice (the server decides how much), and the query may still be running when it answers:
-the hook long-polls the status (``waitTimeMs``) before reading further. Values from data never enter the
-SQL text; they travel as typed ``sqlParameters``.
+The query runs once on the server; rows then come page by page (``/rows?offset=``) until ``rowCount`` is reached.
+Each page is decoded in blocks while it downloads, so a result of any size, in pages of any size, is read with flat
+memory. The submit response holds only a first slice (the server decides how much), and the query may still be
+running when it answers: the hook long-polls the status (``waitTimeMs``) before reading further. Values from data
+never enter the SQL text; they travel as typed parameters.
 """
 
 from __future__ import annotations
 
+import codecs
 import datetime as dt
 import json
 import logging
@@ -17,24 +18,38 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import cached_property
 from typing import Any
 
+import requests
 from airflow.sdk import BaseHook
 
-from sf_datacloud_sync.hooks._http import ApiRequest, SalesforceApiError, SalesforceClient
+from sf_datacloud_sync.hooks._http import (
+    DATACLOUD_QUERY_APIS,
+    ApiRequest,
+    SalesforceApiError,
+    SalesforceAuthError,
+    SalesforceClient,
+    SalesforceConnectionError,
+    TokenGrant,
+    _mask,
+)
 from sf_datacloud_sync.hooks.salesforce_bulk2 import SalesforceBulk2Hook
 from sf_datacloud_sync.utils.csv_encoder import format_datetime, format_decimal, format_float
 
 log = logging.getLogger(__name__)
 
-DONE_STATES = frozenset({"resultsproduced", "finished"})
+# query-sql says "ResultsProduced"/"Finished", v3 "RESULTS_PRODUCED"/"FINISHED" (and "RUNNING_OR_UNSPECIFIED").
+DONE_STATES = frozenset({"resultsproduced", "results_produced", "finished"})
 FAILED_STATES = frozenset({"failed", "error", "cancelled", "canceled", "aborted"})
 _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SENTINEL_END = object()
+V3_MAX_PAGE_BYTES = 20_000_000  # /rows byteLimit: "Default and maximum is 20 MB (20000000)"
+CDP_GRANT = "urn:salesforce:grant-type:external:cdp"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
 
 class DataCloudQueryError(SalesforceApiError):
@@ -195,6 +210,141 @@ def row_converter(types: Sequence[str]) -> Callable[[list], tuple]:
     return convert
 
 
+# -- streamed pages ----------------------------------------------------------------------------------------------
+BLOCK_CHARS = 256 * 1024  # text decoded per json.loads call: ~1,000 rows of a typical DMO
+READ_CHUNK_BYTES = 64 * 1024
+PREFETCH_BLOCKS = 2  # decoded blocks waiting for the consumer, per query
+_WHITESPACE = frozenset(" \t\r\n")
+_DECODER = json.JSONDecoder()
+
+
+class _TruncatedPage(ValueError):
+    """The body ended (or stopped making sense) before the page's JSON did."""
+
+
+# A page that stops mid-body is read again from its first undelivered row.
+_BROKEN_BODY = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError, _TruncatedPage)
+_MAX_VALUE_CHARS = 32 * BLOCK_CHARS  # a single value (a row) longer than this means the body is not a page
+
+
+class _JsonText:
+    """The text of a JSON body as it downloads: a window that grows at the end and is trimmed at the front."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.buf = ""
+        self.pos = 0
+        self.eof = False
+        self.last_chars = 0  # length of the last value read
+
+    def more(self) -> bool:
+        """Append the next piece of the body; ``False`` once it has all arrived."""
+        while not self.eof:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self.eof = True
+                text = self._utf8.decode(b"", final=True)
+            else:
+                text = self._utf8.decode(chunk)
+            if text:
+                self.buf = self.buf[self.pos:] + text
+                self.pos = 0
+                return True
+        return False
+
+    def peek(self) -> str:
+        """The next character that is not whitespace (``""`` at the end of the body)."""
+        while True:
+            buf, pos = self.buf, self.pos
+            while pos < len(buf) and buf[pos] in _WHITESPACE:
+                pos += 1
+            self.pos = pos
+            if pos < len(buf):
+                return buf[pos]
+            if not self.more():
+                return ""
+
+    def expect(self, chars: str) -> str:
+        c = self.peek()
+        if not c:
+            raise _TruncatedPage(f"JSON page ended where {chars!r} was expected")
+        if c not in chars:
+            raise ValueError(f"malformed JSON page: expected {chars!r}, found {c or 'the end of the body'!r}")
+        self.pos += 1
+        return c
+
+    def value(self) -> Any:
+        """One JSON value; a value reaching the end of the window may be cut short (``12`` of ``123``): read on."""
+        self.peek()
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.buf, self.pos)
+                self.last_chars = end - self.pos
+            except ValueError as exc:
+                if len(self.buf) - self.pos < _MAX_VALUE_CHARS and self.more():
+                    continue
+                raise _TruncatedPage(f"JSON page: {exc}") from None
+            if end == len(self.buf) and self.more():
+                continue
+            self.pos = end
+            return value
+
+    def rows(self, block_chars: int) -> Iterator[list[Any]]:
+        """The elements of the array starting here, in blocks of about ``block_chars`` characters.
+
+        A block is cut at the last ``],[`` within ``block_chars`` and decoded by one ``json.loads``. A cut inside a string
+        leaves an unterminated string, so that decode fails and the rows are read one at a time instead; rows of
+        scalars (all Data Cloud returns) can be cut nowhere else.
+        """
+        self.expect("[")
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            while len(self.buf) - self.pos < block_chars and self.more():
+                pass
+            cut = self.buf.rfind("],[", self.pos, self.pos + block_chars)
+            if cut > self.pos:
+                try:
+                    block = json.loads("[" + self.buf[self.pos:cut + 1] + "]")
+                except ValueError:
+                    block = None
+                if block is not None:
+                    self.pos = cut + 2
+                    yield block
+                    continue
+            block, chars = [], 0
+            while chars < block_chars:
+                block.append(self.value())
+                chars += self.last_chars
+                if self.expect(",]") == "]":
+                    yield block
+                    return
+            yield block
+
+
+def iter_page_rows(chunks: Iterable[bytes], fields: dict[str, Any] | None = None,
+                   block_chars: int = BLOCK_CHARS) -> Iterator[list[list[Any]]]:
+    """The rows of a ``{"data": [[...], ...], ...}`` page in blocks, decoded while the page downloads.
+
+    A 20 MB page never exists whole, as bytes or as Python lists. Members other than ``data`` go to ``fields``.
+    """
+    text = _JsonText(chunks)
+    fields = {} if fields is None else fields
+    text.expect("{")
+    if text.peek() == "}":
+        return
+    while True:
+        key = text.value()
+        text.expect(":")
+        if key == "data" and text.peek() == "[":
+            yield from text.rows(block_chars)
+        else:
+            fields[str(key)] = text.value()
+        if text.expect(",}") == "}":
+            return
+
 # -- result ------------------------------------------------------------------------------------------------------
 def _status_of(body: Mapping[str, Any]) -> dict[str, Any]:
     """The status object of a submit or status response: nested under ``status`` or flat."""
@@ -213,11 +363,12 @@ def _int_or_none(value: Any) -> int | None:
 
 
 class _Pages:
-    """Fetches the pages of one query; runs in the caller's thread or in a prefetch thread."""
+    """Reads the pages of one query; runs in the caller's thread or in a prefetch thread."""
 
-    def __init__(self, hook: DataCloudHook, query_id: str, status: dict[str, Any], offset: int,
-                 row_limit: int | None, page_rows: int) -> None:
-        self.hook = hook
+    def __init__(
+        self, api: _QueryApi, query_id: str, status: dict[str, Any], offset: int, row_limit: int | None, page_rows: int
+    ) -> None:
+        self.api = api
         self.query_id = query_id
         self.status = status
         self.offset = offset
@@ -240,66 +391,79 @@ class _Pages:
             total = self.row_limit if total is None else min(total, self.row_limit)
         return None if total is None else max(0, total - self.offset)
 
-    def next_request(self) -> tuple[int, int | None] | None:
-        """``(offset, rowLimit)`` of the next page, after waiting for the query to finish; ``None`` at the end."""
-        while not self.done:
-            if self.stop.is_set():
-                return None
-            self.status = self.hook._poll_status(self.query_id, self.offset)
-        left = self.wanted()
-        if left == 0 or self.stop.is_set():
-            return None
-        return self.offset, left
+    def wait(self) -> None:
+        """Long-poll the status until the query has finished (or reading stops)."""
+        while not self.done and not self.stop.is_set():
+            self.status = self.api.wait_done(self.query_id, self.offset)
 
-    def advance(self, rows: int, left: int | None) -> bool:
-        """Count a page of ``rows`` rows; ``False`` when it was the (empty) last one."""
-        if rows == 0:
-            if left is None:  # no rowCount given: an empty page is the end
-                return False
-            raise DataCloudQueryError(200, "NO_ROWS", f"query {self.query_id} returned no rows at offset "
-                                      f"{self.offset} of {self.row_count}")
-        self.offset += rows
-        return True
+    def blocks(self) -> Iterator[list[list[Any]]]:
+        """Row blocks from the current offset to the end; each page is decoded while it downloads.
 
-    def fetch(self, offset: int, left: int | None) -> bytes:
-        """One page's raw JSON (decoded by whoever consumes it)."""
-        return self.hook._fetch_rows(self.query_id, offset, self.page_rows if left is None else
-                                     min(self.page_rows, left))
-
-    def __iter__(self) -> Iterator[list[list[Any]]]:
-        """Pages in the caller's thread."""
-        while (request := self.next_request()) is not None:
-            data = _page_rows(self.fetch(*request))
-            if not self.advance(len(data), request[1]):
+        A page cut off mid-body (connection reset, truncated chunked encoding) is asked for again from the
+        first row not yet delivered, within the client's retry budget.
+        """
+        broken = 0
+        while True:
+            self.wait()
+            left = self.wanted()
+            if left == 0 or self.stop.is_set():
                 return
-            yield data
-
-
-def _page_rows(raw: bytes) -> list[list[Any]]:
-    return list(json.loads(raw).get("data") or [])
-
-
-def _take_rows(holder: list[bytes]) -> list[list[Any]]:
-    """Decode a page whose only reference is ``holder[0]``: the bytes are freed before parsing starts."""
-    text = holder.pop().decode("utf-8")
-    return list(json.loads(text).get("data") or [])
+            limit = self.page_rows if left is None else min(self.page_rows, left)
+            got = 0
+            try:
+                for block in self.api.read_page(self.query_id, self.offset, limit):
+                    got += len(block)
+                    self.offset += len(block)
+                    yield block
+                    if self.stop.is_set():
+                        return
+            except _BROKEN_BODY as exc:
+                broken += 1
+                if broken >= self.api.client.retry.max_attempts:
+                    raise SalesforceConnectionError(
+                        0,
+                        type(exc).__name__,
+                        f"the page of query {self.query_id} at row {self.offset} broke off {broken} times: {exc}",
+                    ) from None
+                log.warning(
+                    "Data Cloud page of query %s broke off after %d rows (%s); reading again from row %d",
+                    self.query_id,
+                    got,
+                    type(exc).__name__,
+                    self.offset,
+                )
+                continue
+            if got == 0:
+                if left is None:  # no rowCount given: an empty page is the end
+                    return
+                raise DataCloudQueryError(
+                    200,
+                    "NO_ROWS",
+                    f"query {self.query_id} returned no rows at offset {self.offset} of {self.row_count}",
+                )
 
 
 class DataCloudResult(Iterator[tuple]):
     """Rows of one Data Cloud query as tuples (SELECT order); use as a context manager.
 
-    Only one decoded page is held (plus the raw JSON of the next page when prefetching). Closing the result
-    before the last row cancels the query on the server (``DELETE .../query-sql/{queryId}``).
+    Pages are decoded in blocks while they download, so memory stays a few blocks per query however large
+    the pages are (Query API v3 sends up to 20 MB). Closing the result before the last row cancels the query
+    on the server.
 
     :ivar columns: Column names.
-    :ivar types: Data Cloud type names (``Varchar``, ``Numeric``, ``Date``, ``TimestampTZ``, ...).
+    :ivar types: Data Cloud type names (``Varchar``/``varchar``, ``Numeric``, ``Date``, ``TimestampTZ``, ...).
     :ivar row_count: Total rows of the result (``None`` while unknown).
     :ivar query_id: Server-side query id.
     """
 
-    def __init__(self, hook: DataCloudHook, pages: _Pages, first_rows: list[list[Any]],
-                 metadata: list[Mapping[str, Any]], convert: bool, prefetch: bool) -> None:
-        self._hook = hook
+    def __init__(
+        self,
+        pages: _Pages,
+        first_rows: list[list[Any]],
+        metadata: list[Mapping[str, Any]],
+        convert: bool,
+        prefetch: bool,
+    ) -> None:
         self._pages = pages
         self.query_id = pages.query_id
         self.columns: list[str] = [str(m.get("name")) for m in metadata]
@@ -311,9 +475,8 @@ class DataCloudResult(Iterator[tuple]):
         if pages.row_limit is not None:
             first_rows = first_rows[: pages.row_limit]
         self._rows: Iterator[tuple] = iter(map(self._convert, first_rows))
-        self._page_iter = self._prefetched() if prefetch else iter(pages)
+        self._blocks = self._prefetched() if prefetch else pages.blocks()
         self._queue: queue.Queue[Any] | None = None
-        self._counts: queue.Queue[int | None] | None = None
         self._thread: threading.Thread | None = None
         self._finalizer = weakref.finalize(self, pages.stop.set)
 
@@ -336,9 +499,9 @@ class DataCloudResult(Iterator[tuple]):
                 return row  # type: ignore[return-value]
             if self._closed:
                 raise StopIteration
-            self._rows = iter(())  # let the consumed page go before the next one is decoded
+            self._rows = iter(())  # let the consumed block go before the next one is decoded
             try:
-                page = next(self._page_iter)
+                block = next(self._blocks)
             except StopIteration:
                 self._exhausted = True
                 self.close()
@@ -346,36 +509,33 @@ class DataCloudResult(Iterator[tuple]):
             except BaseException:
                 self.close()
                 raise
-            self._rows = iter(map(self._convert, page))
+            self._rows = iter(map(self._convert, block))
 
     def _prefetched(self) -> Iterator[list[list[Any]]]:
-        """Pages downloaded one ahead in a thread while this one is consumed.
-
-        The thread holds the next page as raw JSON only; it is decoded here, when taken, and its row count
-        (which the next request's offset needs) is handed back. So at most one decoded page and one raw page
-        exist at a time, however large the result.
-        """
-        self._queue = q = queue.Queue()
-        counts: queue.Queue[int | None] = queue.Queue()
-        self._counts = counts
+        """Blocks read and decoded in a thread, at most :data:`PREFETCH_BLOCKS` ahead of the consumer."""
+        self._queue = q = queue.Queue(maxsize=PREFETCH_BLOCKS)
         pages = self._pages
 
+        def put(item: Any) -> bool:
+            while not pages.stop.is_set():
+                try:
+                    q.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def run() -> None:
+            blocks = pages.blocks()
             try:
-                while (request := pages.next_request()) is not None:
-                    q.put((pages.fetch(*request), request[1]))
-                    while True:  # wait for the consumer to decode it: its row count moves the offset
-                        try:
-                            rows = counts.get(timeout=0.5)
-                            break
-                        except queue.Empty:
-                            if pages.stop.is_set():
-                                return
-                    if rows is None or not pages.advance(rows, request[1]):
-                        break
-                q.put(_SENTINEL_END)
+                for block in blocks:
+                    if not put(block):
+                        return
+                put(_SENTINEL_END)
             except BaseException as exc:
-                q.put(exc)
+                put(exc)
+            finally:
+                blocks.close()  # closes a page still downloading
 
         self._thread = threading.Thread(target=run, name=f"datacloud-prefetch-{self.query_id[:12]}", daemon=True)
         self._thread.start()
@@ -385,18 +545,8 @@ class DataCloudResult(Iterator[tuple]):
                 return
             if isinstance(item, BaseException):
                 raise item
-            holder = [item[0]]
+            yield item
             del item
-            try:
-                data = _take_rows(holder)
-            except ValueError:
-                counts.put(None)
-                raise
-            counts.put(len(data))  # the thread fetches the next page while this one is consumed
-            if not data:
-                continue
-            yield data
-            del data
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -405,23 +555,24 @@ class DataCloudResult(Iterator[tuple]):
             return
         self._closed = True
         self._pages.stop.set()
-        if self._queue is not None:  # drop a page fetched ahead
+        if self._queue is not None:  # drop blocks read ahead
             while True:
                 try:
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
-        if self._counts is not None:  # release a prefetcher waiting for a row count
-            self._counts.put(None)
         if self._thread is not None:
             self._thread.join(timeout=60)
+        else:
+            self._blocks.close()
         self._rows = iter(())
         total = self._pages.row_count
         # Complete = the server has nothing left for us (a row_limit stop leaves rows behind: cancel those).
-        complete = (self._pages.done and total is not None and self._pages.offset >= total) or \
-            (self._exhausted and total is None)
+        complete = (self._pages.done and total is not None and self._pages.offset >= total) or (
+            self._exhausted and total is None
+        )
         if not complete:
-            self._hook.cancel(self.query_id)
+            self._pages.api.cancel(self.query_id)
 
     def __enter__(self) -> DataCloudResult:
         return self
@@ -430,11 +581,316 @@ class DataCloudResult(Iterator[tuple]):
         self.close()
 
 
+# -- the two query APIs ------------------------------------------------------------------------------------------
+@dataclass
+class _Submitted:
+    query_id: str
+    status: dict[str, Any]
+    rows: list[list[Any]]
+    metadata: list[Mapping[str, Any]]
+
+
+class _QueryApi:
+    """The wire calls of one Data Cloud query API; :class:`DataCloudHook` drives them the same way."""
+
+    name = ""
+
+    def __init__(self, hook: DataCloudHook) -> None:
+        self.hook = hook
+        self.client = hook.client
+
+    def submit(self, sql: str, parameters: Mapping[str, Any] | None, first_rows: int) -> _Submitted:
+        raise NotImplementedError
+
+    def status(self, query_id: str, offset: int) -> dict[str, Any]:
+        """One status request (long-polled up to the hook's ``status_wait_ms``)."""
+        raise NotImplementedError
+
+    def first_page(self, query_id: str, limit: int) -> tuple[list[Mapping[str, Any]], list[list[Any]]]:
+        """Metadata and rows from offset 0, for a submit that answered before the schema was known."""
+        raise NotImplementedError
+
+    def open_page(self, query_id: str, offset: int, limit: int) -> requests.Response:
+        """The streamed response of one page of rows (schema omitted)."""
+        raise NotImplementedError
+
+    def cancel(self, query_id: str) -> None:
+        raise NotImplementedError
+
+    def read_page(self, query_id: str, offset: int, limit: int) -> Iterator[list[list[Any]]]:
+        """Row blocks of the page at ``offset``, decoded while it downloads."""
+        with self.open_page(query_id, offset, limit) as resp:
+            yield from iter_page_rows(resp.iter_content(READ_CHUNK_BYTES))
+
+    def wait_done(self, query_id: str, offset: int) -> dict[str, Any]:
+        """Long-poll until the query has produced all its rows; raise if it failed or took too long."""
+        started = time.monotonic()
+        wait_ms = self.hook.status_wait_ms
+        while True:
+            status = self.status(query_id, offset)
+            state = str(status.get("completionStatus", "")).lower()
+            if state in FAILED_STATES:
+                raise DataCloudQueryError(
+                    200,
+                    "QUERY_FAILED",
+                    f"query {query_id} ended {status.get('completionStatus')}: {status.get('errorMessage') or status}",
+                )
+            if state in DONE_STATES:
+                return status
+            if time.monotonic() - started > self.hook.query_timeout:
+                raise TimeoutError(
+                    f"Data Cloud query {query_id} still {status.get('completionStatus')} after "
+                    f"{self.hook.query_timeout:.0f}s"
+                )
+            if wait_ms == 0:
+                time.sleep(1.0)
+
+    def _call(self, query_id: str | None, offset: int, req: Callable[[], requests.Response]) -> requests.Response:
+        try:
+            return req()
+        except SalesforceApiError as exc:
+            raise _translate(exc, query_id, offset) from None
+
+
+class _QuerySqlApi(_QueryApi):
+    """The Query Connect API (``/services/data/vXX.X/ssot/query-sql``): core host, core token, ~2 MB pages."""
+
+    name = "query-sql"
+
+    def _params(self, **extra: Any) -> dict[str, Any]:
+        return self.hook._params(**extra)
+
+    def _send(self, query_id: str | None, offset: int, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return self._call(query_id, offset, lambda: self.client.send(ApiRequest(method, path, **kwargs)))
+
+    def submit(self, sql: str, parameters: Mapping[str, Any] | None, first_rows: int) -> _Submitted:
+        body: dict[str, Any] = {"sql": sql, "rowLimit": first_rows}
+        if parameters:
+            body["sqlParameters"] = sql_parameters(parameters)
+        response = json.loads(
+            self._send(None, 0, "POST", "ssot/query-sql", params=self._params(), json_body=body).content
+        )
+        status = _status_of(response)
+        query_id = str(status.get("queryId") or response.get("queryId") or "")
+        return _Submitted(query_id, status, list(response.get("data") or []), response.get("metadata") or [])
+
+    def status(self, query_id: str, offset: int) -> dict[str, Any]:
+        resp = self._send(
+            query_id,
+            offset,
+            "GET",
+            f"ssot/query-sql/{query_id}",
+            params=self._params(waitTimeMs=self.hook.status_wait_ms),
+        )
+        return _status_of(json.loads(resp.content))
+
+    def first_page(self, query_id: str, limit: int) -> tuple[list[Mapping[str, Any]], list[list[Any]]]:
+        page = json.loads(
+            self._send(
+                query_id,
+                0,
+                "GET",
+                f"ssot/query-sql/{query_id}/rows",
+                params=self._params(offset=0, rowLimit=limit, omitSchema="false"),
+            ).content
+        )
+        return page.get("metadata") or [], list(page.get("data") or [])
+
+    def open_page(self, query_id: str, offset: int, limit: int) -> requests.Response:
+        return self._send(
+            query_id,
+            offset,
+            "GET",
+            f"ssot/query-sql/{query_id}/rows",
+            stream=True,
+            params=self._params(offset=offset, rowLimit=limit, omitSchema="true"),
+        )
+
+    def cancel(self, query_id: str) -> None:
+        self.client.send(
+            ApiRequest("DELETE", f"ssot/query-sql/{query_id}", params=self._params(), ok=(200, 202, 204, 404))
+        )
+
+
+# v3 spells types in lower case ("varchar", "bigint", ...); sqlParameters' names map onto them.
+_V3_PARAM_TYPES = {"bool": "boolean"}
+
+
+class _TenantSession:
+    """The Data Cloud (a360) token for the tenant host, from exchanging the core token; renewed when refused.
+
+    Re-exchanging logs in to Salesforce again first: a core token from the password flow works for one exchange only
+    (Salesforce help article 005104785), and a fresh one costs a single request.
+    """
+
+    EXPIRY_MARGIN_S = 60.0
+
+    def __init__(self, client: SalesforceClient, dataspace: str) -> None:
+        self.client = client
+        self.dataspace = dataspace
+        self._lock = threading.Lock()
+        self._grant: TokenGrant | None = None
+        self._expires_at = 0.0
+
+    def grant(self) -> TokenGrant:
+        grant = self._grant
+        if grant is None or time.monotonic() > self._expires_at:
+            grant = self.renew(grant)
+        return grant
+
+    def renew(self, stale: TokenGrant | None) -> TokenGrant:
+        with self._lock:
+            if self._grant is not None and self._grant is not stale and time.monotonic() < self._expires_at:
+                return self._grant  # another thread exchanged meanwhile
+            if stale is not None and self.client.can_renew:
+                self.client._renew(self.client._current_token())
+            self._grant = self._exchange()
+            return self._grant
+
+    def _exchange(self) -> TokenGrant:
+        form = {
+            "grant_type": CDP_GRANT,
+            "subject_token": self.client._current_token(),
+            "subject_token_type": ACCESS_TOKEN_TYPE,
+        }
+        if self.dataspace and self.dataspace != "default":
+            form["dataspace"] = self.dataspace
+        url = f"{self.client.instance_url}/services/a360/token"
+        resp = self.client.send(ApiRequest("POST", url, form=form, authenticated=False, ok=(200,)))
+        try:
+            body = json.loads(resp.content)
+            token, host = str(body["access_token"]), str(body["instance_url"]).rstrip("/")
+        except (ValueError, KeyError, TypeError):
+            raise SalesforceAuthError(
+                resp.status_code,
+                "INVALID_TOKEN_EXCHANGE",
+                f"the Data Cloud token exchange answered without access_token and instance_url: {resp.content[:200]!r}",
+                method="POST",
+                url=url,
+            ) from None
+        _mask(token)
+        lifetime = _int_or_none(body.get("expires_in")) or 7_200
+        self._expires_at = time.monotonic() + max(0.0, lifetime - self.EXPIRY_MARGIN_S)
+        base = host if host.startswith("https://") else f"https://{host}"  # Data Cloud returns a bare host name
+        log.info("Exchanged the Salesforce session for a Data Cloud token (tenant %s)", base)
+        return TokenGrant(token, base)
+
+    def send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """A request to the tenant host; a refused token (401) is exchanged again once."""
+        grant = self.grant()
+        for attempt in (1, 2):
+            try:
+                return self.client.send(
+                    ApiRequest(
+                        method,
+                        grant.instance_url + path,
+                        authenticated=False,
+                        extra_headers={"Authorization": f"Bearer {grant.access_token}"},
+                        **kwargs,
+                    )
+                )
+            except SalesforceApiError as exc:
+                if exc.status != 401 or attempt == 2:
+                    raise
+                log.info("Data Cloud refused its token (%s); exchanging the Salesforce session again", exc.message)
+                grant = self.renew(grant)
+        raise AssertionError("unreachable")
+
+
+class _QueryApiV3(_QueryApi):
+    """Query API v3 (``/api/v3/query``): tenant host, a360 token, pages of up to 20 MB (``byteLimit``)."""
+
+    name = "v3"
+
+    def __init__(self, hook: DataCloudHook) -> None:
+        super().__init__(hook)
+        self.tenant = _TenantSession(self.client, hook.dataspace)
+
+    def _send(self, query_id: str | None, offset: int, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return self._call(query_id, offset, lambda: self.tenant.send(method, path, **kwargs))
+
+    def submit(self, sql: str, parameters: Mapping[str, Any] | None, first_rows: int) -> _Submitted:
+        body: dict[str, Any] = {"sql": sql, "transferMode": "ADAPTIVE"}
+        if parameters:
+            body["paramStyle"] = "NAMED"
+            body["parameters"] = [
+                {**p, "type": _V3_PARAM_TYPES.get(p["type"].lower(), p["type"].lower())}
+                for p in sql_parameters(parameters)
+            ]
+        resp = self._send(None, 0, "POST", "/api/v3/query", json_body=body)
+        payload = json.loads(resp.content) if resp.content else {}
+        status = _v3_status(resp, payload)
+        return _Submitted(
+            str(status.get("queryId") or ""), status, list(payload.get("data") or [])[:first_rows], _v3_columns(payload)
+        )
+
+    def status(self, query_id: str, offset: int) -> dict[str, Any]:
+        resp = self._send(
+            query_id, offset, "GET", f"/api/v3/query/{query_id}", params={"waitTimeMs": self.hook.status_wait_ms}
+        )
+        return _v3_status(resp, json.loads(resp.content) if resp.content else {})
+
+    def first_page(self, query_id: str, limit: int) -> tuple[list[Mapping[str, Any]], list[list[Any]]]:
+        page = json.loads(
+            self._send(
+                query_id,
+                0,
+                "GET",
+                f"/api/v3/query/{query_id}/rows",
+                params={"offset": 0, "limit": limit, "omitSchema": "false"},
+            ).content
+        )
+        return _v3_columns(page), list(page.get("data") or [])
+
+    def open_page(self, query_id: str, offset: int, limit: int) -> requests.Response:
+        return self._send(
+            query_id,
+            offset,
+            "GET",
+            f"/api/v3/query/{query_id}/rows",
+            stream=True,
+            params={"offset": offset, "limit": limit, "byteLimit": self.hook.page_bytes, "omitSchema": "true"},
+        )
+
+    def cancel(self, query_id: str) -> None:
+        self.tenant.send("DELETE", f"/api/v3/query/{query_id}", ok=(200, 202, 204, 404))
+
+
+def _v3_status(resp: requests.Response, body: Mapping[str, Any]) -> dict[str, Any]:
+    """v3 puts the status in the ``x-hyperdb-status`` header (JSON); the status GET may also send it as the body."""
+    header = resp.headers.get("x-hyperdb-status")
+    if header:
+        try:
+            status = json.loads(header)
+        except ValueError:
+            raise DataCloudQueryError(
+                resp.status_code, "BAD_STATUS_HEADER", f"x-hyperdb-status is not JSON: {header[:200]!r}"
+            ) from None
+        if isinstance(status, dict):
+            return status
+    return _status_of(body)
+
+
+def _v3_columns(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    metadata = body.get("metadata")
+    columns = metadata.get("columns") if isinstance(metadata, Mapping) else metadata
+    return list(columns or [])
+
+
+_QUERY_APIS: dict[str, type[_QueryApi]] = {"query-sql": _QuerySqlApi, "v3": _QueryApiV3}
+
+
 # -- hook --------------------------------------------------------------------------------------------------------
 class DataCloudHook(BaseHook):
     """
-    Run SQL on Data Cloud through the Query Connect API, on the same ``salesforce`` connection as
-    :class:`~sf_datacloud_sync.hooks.salesforce_bulk2.SalesforceBulk2Hook` (core token, core host).
+    Run SQL on Data Cloud on the same ``salesforce`` connection as
+    :class:`~sf_datacloud_sync.hooks.salesforce_bulk2.SalesforceBulk2Hook`.
+
+    Two query APIs, chosen by the connection extra ``datacloud_query_api``:
+
+    * ``v3`` (default): Query API v3 on the tenant host, with a Data Cloud token exchanged for the Salesforce one
+      (``/services/a360/token``); pages of up to 20 MB, so 2M rows cost ~25 page requests.
+    * ``query-sql``: the Query Connect API on the core host with the Salesforce token; pages of ~2 MB.
 
     Extras read in addition to the Salesforce ones: ``dataspace`` (default ``default``) and ``workload_name``
     (shown to Salesforce support).
@@ -442,28 +898,45 @@ class DataCloudHook(BaseHook):
     :param salesforce_conn_id: Airflow connection id.
     :param salesforce_hook: A Bulk API 2.0 hook whose session (and token) to share.
     :param dataspace: Data space (overrides the connection extra).
-    :param prefetch: Read the next page in a background thread while the current one is consumed.
+    :param query_api: ``v3`` or ``query-sql`` (overrides the connection extra).
+    :param prefetch: Read and decode the next rows in a background thread while the current ones are consumed.
     :param status_wait_ms: Long-poll time per status request (Data Cloud caps it at 10,000).
     :param query_timeout: Seconds to wait for a running query before giving up.
+    :param page_bytes: ``byteLimit`` of a v3 page (Data Cloud's maximum is 20,000,000).
     """
 
     conn_name_attr = "salesforce_conn_id"
     default_conn_name = "salesforce_default"
     conn_type = "salesforce"
-    hook_name = "Salesforce Data Cloud (Query Connect API)"
+    hook_name = "Salesforce Data Cloud (Query API)"
 
-    def __init__(self, salesforce_conn_id: str = default_conn_name, *,
-                 salesforce_hook: SalesforceBulk2Hook | None = None, dataspace: str | None = None,
-                 workload_name: str | None = None, prefetch: bool = True, status_wait_ms: int = 10_000,
-                 query_timeout: float = 3600.0) -> None:
+    def __init__(
+        self,
+        salesforce_conn_id: str = default_conn_name,
+        *,
+        salesforce_hook: SalesforceBulk2Hook | None = None,
+        dataspace: str | None = None,
+        workload_name: str | None = None,
+        query_api: str | None = None,
+        prefetch: bool = True,
+        status_wait_ms: int = 10_000,
+        query_timeout: float = 3600.0,
+        page_bytes: int = V3_MAX_PAGE_BYTES,
+    ) -> None:
         super().__init__()
+        if query_api is not None and query_api not in DATACLOUD_QUERY_APIS:
+            raise ValueError(f"query_api must be one of {', '.join(DATACLOUD_QUERY_APIS)}, got {query_api!r}")
+        if not 1 <= page_bytes <= V3_MAX_PAGE_BYTES:
+            raise ValueError(f"page_bytes must be 1 to {V3_MAX_PAGE_BYTES:,}, got {page_bytes}")
         self.salesforce_conn_id = salesforce_hook.conn_id if salesforce_hook else salesforce_conn_id
         self._salesforce_hook = salesforce_hook
         self._dataspace = dataspace
         self._workload_name = workload_name
+        self._query_api = query_api
         self.prefetch = prefetch
         self.status_wait_ms = max(0, min(int(status_wait_ms), 10_000))
         self.query_timeout = query_timeout
+        self.page_bytes = page_bytes
 
     @cached_property
     def salesforce(self) -> SalesforceBulk2Hook:
@@ -477,10 +950,21 @@ class DataCloudHook(BaseHook):
     def get_conn(self) -> SalesforceClient:
         return self.client
 
+    @property
+    def dataspace(self) -> str:
+        return self._dataspace or self.client.config.dataspace
+
+    @cached_property
+    def api(self) -> _QueryApi:
+        """The query API in use (``api.name``: ``v3`` or ``query-sql``)."""
+        return _QUERY_APIS[self._query_api or self.client.config.datacloud_query_api](self)
+
     def _params(self, **extra: Any) -> dict[str, Any]:
-        cfg = self.client.config
-        return {"dataspace": self._dataspace or cfg.dataspace,
-                "workloadName": self._workload_name or cfg.workload_name, **extra}
+        return {
+            "dataspace": self.dataspace,
+            "workloadName": self._workload_name or self.client.config.workload_name,
+            **extra,
+        }
 
     def test_connection(self) -> tuple[bool, str]:
         """Log in and run ``SELECT 1``."""
@@ -488,52 +972,57 @@ class DataCloudHook(BaseHook):
             self.scalar("SELECT 1")
         except Exception as exc:
             return False, str(exc)
-        return True, "Data Cloud query API reachable"
+        return True, f"Data Cloud query API ({self.api.name}) reachable"
 
     # -- public API ----------------------------------------------------------------------------------------------
-    def query(self, sql: str, parameters: Mapping[str, Any] | None = None, *, row_limit: int | None = None,
-              page_rows: int = 100_000, convert: bool = True) -> DataCloudResult:
+    def query(
+        self,
+        sql: str,
+        parameters: Mapping[str, Any] | None = None,
+        *,
+        row_limit: int | None = None,
+        page_rows: int = 100_000,
+        convert: bool = True,
+    ) -> DataCloudResult:
         """Submit ``sql`` and return its rows as an iterator of tuples.
 
         :param sql: Data 360 SQL; placeholders ``:name`` take values from ``parameters``. Quote identifiers.
-        :param parameters: Values for the placeholders, sent as typed ``sqlParameters`` (see
-            :func:`sql_parameter`), never formatted into the SQL.
+        :param parameters: Values for the placeholders, sent as typed parameters (see :func:`sql_parameter`),
+            never formatted into the SQL.
         :param row_limit: Stop after this many rows (the rest of the query is cancelled).
-        :param page_rows: Rows asked for per request (``rowLimit``); the server may send fewer.
+        :param page_rows: Rows asked for per request; the server may send fewer (v3: up to ``page_bytes``).
         :param convert: Turn values into Python types by column type (``Decimal``, ``int``, ``date``,
             ``datetime``, ``bool``); ``False`` keeps them as JSON delivered them (strings or numbers).
         """
         if page_rows < 1:
             raise ValueError("page_rows must be at least 1")
-        body: dict[str, Any] = {"sql": sql, "rowLimit": page_rows if row_limit is None else
-                                max(1, min(page_rows, row_limit))}
-        if parameters:
-            body["sqlParameters"] = sql_parameters(parameters)
-        response = self._call("POST", "ssot/query-sql", None, 0, params=self._params(), json_body=body)
-        status = _status_of(response)
-        query_id = str(status.get("queryId") or response.get("queryId") or "")
+        api = self.api
+        first_rows = page_rows if row_limit is None else max(1, min(page_rows, row_limit))
+        submitted = api.submit(sql, parameters, first_rows)
+        query_id = submitted.query_id
         if not query_id:
-            raise DataCloudQueryError(200, "NO_QUERY_ID", "the query-sql response carries no queryId")
-        first_rows = list(response.get("data") or [])
-        metadata = response.get("metadata") or []
-        pages = _Pages(self, query_id, status, len(first_rows), row_limit, page_rows)
+            raise DataCloudQueryError(200, "NO_QUERY_ID", f"the {api.name} submit response carries no queryId")
+        metadata, rows = submitted.metadata, submitted.rows
+        pages = _Pages(api, query_id, submitted.status, len(rows), row_limit, page_rows)
         if not metadata:
-            # adaptiveTimeout ran out before the schema was known: wait, then read it with the first page.
+            # The submit answered before the schema was known: wait, then read it with the first page.
             try:
-                while not pages.done:
-                    pages.status = self._poll_status(query_id, 0)
+                pages.wait()
                 if pages.wanted() != 0:
-                    page = self._call("GET", f"ssot/query-sql/{query_id}/rows", query_id, 0, params=self._params(
-                        offset=0, rowLimit=min(page_rows, pages.wanted() or page_rows), omitSchema="false"))
-                    metadata = page.get("metadata") or []
-                    first_rows = list(page.get("data") or [])
-                    pages.offset = len(first_rows)
+                    metadata, rows = api.first_page(query_id, min(page_rows, pages.wanted() or page_rows))
+                    pages.offset = len(rows)
             except BaseException:
                 self.cancel(query_id)  # nobody will read it
                 raise
-        log.info("Data Cloud query %s: %s rows (%s), first response %d rows", query_id, status.get("rowCount"),
-                 status.get("completionStatus"), len(first_rows))
-        return DataCloudResult(self, pages, first_rows, metadata, convert, self.prefetch)
+        log.info(
+            "Data Cloud query %s (%s): %s rows (%s), first response %d rows",
+            query_id,
+            api.name,
+            pages.status.get("rowCount"),
+            pages.status.get("completionStatus"),
+            len(rows),
+        )
+        return DataCloudResult(pages, rows, metadata, convert, self.prefetch)
 
     def scalar(self, sql: str, parameters: Mapping[str, Any] | None = None) -> Any:
         """The first column of the first row (``None`` without rows)."""
@@ -544,44 +1033,10 @@ class DataCloudHook(BaseHook):
     def cancel(self, query_id: str) -> None:
         """Cancel a query (best effort: a query that is gone already is fine)."""
         try:
-            self.client.send(ApiRequest("DELETE", f"ssot/query-sql/{query_id}", params=self._params(),
-                                        ok=(200, 202, 204, 404)))
+            self.api.cancel(query_id)
             log.info("Cancelled Data Cloud query %s", query_id)
         except Exception as exc:
             log.warning("Could not cancel Data Cloud query %s: %s", query_id, exc)
-
-    # -- internals -----------------------------------------------------------------------------------------------
-    def _call(self, method: str, path: str, query_id: str | None, offset: int, **kwargs: Any) -> Any:
-        try:
-            return self.client.request_json(method, path, **kwargs)
-        except SalesforceApiError as exc:
-            raise _translate(exc, query_id, offset) from None
-
-    def _poll_status(self, query_id: str, offset: int) -> dict[str, Any]:
-        started = time.monotonic()
-        while True:
-            body = self._call("GET", f"ssot/query-sql/{query_id}", query_id, offset,
-                              params=self._params(waitTimeMs=self.status_wait_ms))
-            status = _status_of(body)
-            state = str(status.get("completionStatus", "")).lower()
-            if state in FAILED_STATES:
-                raise DataCloudQueryError(200, "QUERY_FAILED", f"query {query_id} ended "
-                                          f"{status.get('completionStatus')}: {status.get('errorMessage') or status}")
-            if state in DONE_STATES or time.monotonic() - started > self.query_timeout:
-                if state not in DONE_STATES:
-                    raise TimeoutError(f"Data Cloud query {query_id} still {status.get('completionStatus')} after "
-                                       f"{self.query_timeout:.0f}s")
-                return status
-            if self.status_wait_ms == 0:
-                time.sleep(1.0)
-
-    def _fetch_rows(self, query_id: str, offset: int, limit: int) -> bytes:
-        """The raw JSON of one ``/rows`` page (``{"data": [...], "returnedRows": n}``)."""
-        try:
-            return self.client.send(ApiRequest("GET", f"ssot/query-sql/{query_id}/rows", params=self._params(
-                offset=offset, rowLimit=limit, omitSchema="true"))).content
-        except SalesforceApiError as exc:
-            raise _translate(exc, query_id, offset) from None
 
 
 def _translate(exc: SalesforceApiError, query_id: str | None, offset: int) -> Exception:

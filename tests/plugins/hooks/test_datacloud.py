@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import replace
 from decimal import Decimal
 
 import pytest
+import requests
 
 from sf_datacloud_sync.hooks._http import SalesforceApiError
 from sf_datacloud_sync.hooks.datacloud import (
@@ -14,7 +16,10 @@ from sf_datacloud_sync.hooks.datacloud import (
     DataCloudQueryError,
     DataCloudQueryExpired,
     SqlParam,
+    _Pages,
     _status_of,
+    _TruncatedPage,
+    iter_page_rows,
     row_converter,
     sql_parameter,
 )
@@ -26,11 +31,33 @@ DMO = '"Opportunity_Sync__dlm"'
 TRICKY_KEYS = ["O'Brien\"; DROP TABLE x;--", "back\\slash\\'", "ünï 日本 🚀", "x' OR '1'='1", "%_*", "\n\r\t"]
 
 
-@pytest.fixture
-def dc(clean_emulator, sf_default) -> DataCloudHook:
-    hook = DataCloudHook(salesforce_hook=SalesforceBulk2Hook(retry=FAST_RETRY))
+# Where each query API's calls land on the emulator (its request counter keys).
+ENDPOINTS = {
+    "query-sql": {"submit": "/ssot/query-sql", "cancel": "query-sql/{id}", "rows": "/rows"},
+    "v3": {"submit": "/api/v3/query", "cancel": "/api/v3/query/{id}", "rows": "/rows"},
+}
+
+
+@pytest.fixture(params=["query-sql", "v3"])
+def dc(request, clean_emulator, sf_default) -> DataCloudHook:
+    hook = DataCloudHook(salesforce_hook=SalesforceBulk2Hook(retry=FAST_RETRY), query_api=request.param)
     yield hook
     hook.salesforce.close()
+
+
+def calls(emulator, dc: DataCloudHook, what: str, method: str) -> int:
+    return requests_to(emulator, ENDPOINTS[dc.api.name][what], method)
+
+
+def small_pages(emulator, dc: DataCloudHook, first_rows: int, page_bytes: int | None = None, **faults) -> None:
+    """Cut the first response at ``first_rows`` and pages at ``page_bytes`` (query-sql: the server's cap; v3:
+    the ``byteLimit`` the hook asks for)."""
+    if page_bytes is not None:
+        if dc.api.name == "v3":
+            dc.page_bytes = page_bytes
+        else:
+            faults["dc_page_max_bytes"] = page_bytes
+    emulator.set_faults(dc_first_page_max_rows=first_rows, **faults)
 
 
 def all_keys(dc: DataCloudHook) -> list[str]:
@@ -43,41 +70,41 @@ def all_keys(dc: DataCloudHook) -> list[str]:
 def test_reads_every_row_across_odd_pages(dc, clean_emulator, prefetch):
     total = dc.scalar(f"SELECT COUNT(*) FROM {DMO}")
     assert total == 2_000
-    clean_emulator.set_faults(dc_first_page_max_rows=37, dc_page_max_bytes=7_777)
-    cancels = requests_to(clean_emulator, "query-sql/{id}", "DELETE")
+    small_pages(clean_emulator, dc, 37, 7_777)
+    cancels = calls(clean_emulator, dc, "cancel", "DELETE")
     dc.prefetch = prefetch
     sql = f'SELECT "Amount__c", "ExternalId__c", "CloseDate__c" FROM {DMO} ORDER BY "ExternalId__c"'
     with dc.query(sql, page_rows=333) as result:
         assert result.columns == ["Amount__c", "ExternalId__c", "CloseDate__c"]  # SELECT order
-        assert result.types[0] == "Numeric" and result.types[1] == "Varchar"
+        assert result.types[0].lower() == "numeric" and result.types[1].lower() == "varchar"
         rows = list(result)
         assert result.row_count == total and result.rows_read == total
     keys = [r[1] for r in rows]
     assert len(set(keys)) == total and keys == sorted(keys)
     assert all(isinstance(r[0], Decimal) or r[0] is None for r in rows)
-    pages = requests_to(clean_emulator, "/rows", "GET")
-    assert pages > total // 333  # the server cut pages short of rowLimit; every one was followed
-    assert requests_to(clean_emulator, "query-sql/{id}", "DELETE") == cancels  # read to the end: nothing to cancel
+    pages = calls(clean_emulator, dc, "rows", "GET")
+    assert pages > total // 333  # pages cut short of rowLimit by their bytes; every one was followed
+    assert calls(clean_emulator, dc, "cancel", "DELETE") == cancels  # read to the end: nothing to cancel
 
 
 def test_row_limit_and_early_close_cancel_the_query(dc, clean_emulator):
-    clean_emulator.set_faults(dc_first_page_max_rows=50)
+    small_pages(clean_emulator, dc, 50)
     with dc.query(f"SELECT * FROM {DMO}", row_limit=120, page_rows=40) as result:
         rows = list(result)
     assert len(rows) == 120 and all(len(r) == len(result.columns) for r in rows)
-    assert requests_to(clean_emulator, "query-sql/{id}", "DELETE") == 1
+    assert calls(clean_emulator, dc, "cancel", "DELETE") == 1
 
     with dc.query(f"SELECT * FROM {DMO}", page_rows=100) as result:
         first = [next(result) for _ in range(5)]
         query_id = result.query_id
     assert len(first) == 5
-    assert requests_to(clean_emulator, "query-sql/{id}", "DELETE") == 2
-    with pytest.raises(SalesforceApiError, match="canceled"):
-        dc.client.request_json("GET", f"ssot/query-sql/{query_id}", params={"dataspace": "default"})
+    assert calls(clean_emulator, dc, "cancel", "DELETE") == 2
+    with pytest.raises((DataCloudQueryError, DataCloudQueryExpired), match="(?i)cancel"):
+        dc.api.status(query_id, 5)
 
 
 def test_expired_query_is_reported_with_its_offset(dc, clean_emulator):
-    clean_emulator.set_faults(dc_first_page_max_rows=100, dc_page_max_bytes=20_000)
+    small_pages(clean_emulator, dc, 100, 20_000)
     dc.prefetch = False
     result = dc.query(f'SELECT * FROM {DMO} ORDER BY "ExternalId__c"', page_rows=100)
     got = [next(result) for _ in range(100)]
@@ -94,7 +121,7 @@ def test_expired_query_is_reported_with_its_offset(dc, clean_emulator):
 def test_expiry_by_time_to_live(dc, clean_emulator):
     import time
 
-    clean_emulator.set_faults(dc_result_ttl_s=1, dc_first_page_max_rows=10)
+    small_pages(clean_emulator, dc, 10, dc_result_ttl_s=1)
     dc.prefetch = False
     result = dc.query(f"SELECT * FROM {DMO}", page_rows=10)
     next(result)
@@ -105,9 +132,9 @@ def test_expiry_by_time_to_live(dc, clean_emulator):
 
 def test_storms_and_session_expiry_while_paging(dc, clean_emulator):
     expected = all_keys(dc)
-    clean_emulator.set_faults(rules=[{"path": "/ssot/query-sql", "status": 503, "rate": 0.2},
-                                     {"path": "/rows", "status": 429, "rate": 0.1, "retry_after": 0}],
-                              dc_first_page_max_rows=100, dc_page_max_bytes=15_000)
+    small_pages(clean_emulator, dc, 100, 15_000,
+                rules=[{"path": ENDPOINTS[dc.api.name]["submit"], "status": 503, "rate": 0.2},
+                       {"path": "/rows", "status": 429, "rate": 0.1, "retry_after": 0}])
     with dc.query(f'SELECT "ExternalId__c" FROM {DMO} ORDER BY "ExternalId__c"', page_rows=250) as result:
         keys = []
         for i, row in enumerate(result):
@@ -140,13 +167,33 @@ def test_sql_error_raises_at_once(dc, clean_emulator):
         dc.query(f'SELECT "NoSuchColumn__c" FROM {DMO}')
     assert info.value.status == 400 and info.value.attempts == 1
     assert "NoSuchColumn__c" in info.value.message and not info.value.message.startswith("{")
-    assert requests_to(clean_emulator, "/ssot/query-sql", "POST") == 1
+    assert calls(clean_emulator, dc, "submit", "POST") == 1
 
 
 def test_scalar_without_rows_and_test_connection(dc):
     assert dc.scalar(f"SELECT \"ExternalId__c\" FROM {DMO} WHERE \"ExternalId__c\" = :k", {"k": "nope"}) is None
     ok, message = dc.test_connection()
     assert ok, message
+
+
+def test_v3_reads_through_the_tenant_with_an_exchanged_token(clean_emulator, sf_default, caplog):
+    dc = DataCloudHook(salesforce_hook=SalesforceBulk2Hook(retry=FAST_RETRY))
+    assert dc.api.name == "v3"  # the default
+    clean_emulator.set_faults(dc_first_page_max_rows=100)
+    with dc.query(f'SELECT * FROM {DMO} ORDER BY "ExternalId__c"') as result:
+        rows = list(result)
+    assert len(rows) == 2_000 and result.types[0].islower()
+    assert requests_to(clean_emulator, "/api/v3/query/{id}/rows", "GET") == 1  # the other 1,900 rows: one page
+    assert requests_to(clean_emulator, "/ssot/") == 0
+    assert dc.scalar("SELECT :b AS b, :n AS n", {"b": True, "n": 2**40}) is True
+    assert requests_to(clean_emulator, "a360/token") == 1 and requests_to(clean_emulator, "oauth2/token") == 1
+
+    clean_emulator.control("POST", "sessions/expire")  # both tokens refused: log in again, exchange again
+    assert dc.scalar(f"SELECT COUNT(*) FROM {DMO}") == 2_000
+    assert requests_to(clean_emulator, "a360/token") == 2 and requests_to(clean_emulator, "oauth2/token") == 2
+    token = dc.api.tenant.grant().access_token
+    assert token not in caplog.text and dc.client._current_token() not in caplog.text
+    dc.salesforce.close()
 
 
 def test_shares_the_salesforce_session(clean_emulator, sf_default):
@@ -157,36 +204,30 @@ def test_shares_the_salesforce_session(clean_emulator, sf_default):
     assert requests_to(clean_emulator, "oauth2/token") == 1
 
 
-def test_nested_status_and_numbers_as_strings(dc, clean_emulator, monkeypatch):
-    """The connector's shape (status nested, numbers as strings) is read like the flat one."""
-    original = dc.client.request_json
+def test_counts_and_numbers_as_strings(dc, clean_emulator, monkeypatch):
+    """The connector's shapes (rowCount and numbers as strings) are read like the plain ones."""
+    api = dc.api
+    submit, status, read_page = api.submit, api.status, api.read_page
 
     def stringify(value):
         if isinstance(value, bool) or value is None:
             return value
         return str(value) if isinstance(value, (int, float)) else value
 
-    def reshaped(method, path, **kwargs):
-        body = original(method, path, **kwargs)
-        if isinstance(body, dict):
-            if "queryId" in body:  # flat status → nested
-                body = {"status": {**body, "rowCount": str(body["rowCount"])}}
-            if "status" in body:
-                body["status"]["rowCount"] = str(body["status"]["rowCount"])
-            if "data" in body:
-                body["data"] = [[stringify(v) for v in row] for row in body["data"]]
-        return body
+    def rows_as_strings(rows):
+        return [[stringify(v) for v in row] for row in rows]
 
-    fetch_rows = dc._fetch_rows
+    def count_as_string(found):
+        return {**found, "rowCount": str(found["rowCount"])}
 
-    def stringified_rows(query_id, offset, limit):
-        page = json.loads(fetch_rows(query_id, offset, limit))
-        page["data"] = [[stringify(v) for v in row] for row in page["data"]]
-        return json.dumps(page).encode()
+    def submitted(*args):
+        got = submit(*args)
+        return replace(got, status=count_as_string(got.status), rows=rows_as_strings(got.rows))
 
-    monkeypatch.setattr(dc.client, "request_json", reshaped)
-    monkeypatch.setattr(dc, "_fetch_rows", stringified_rows)
-    clean_emulator.set_faults(dc_first_page_max_rows=60, dc_page_max_bytes=9_000)
+    monkeypatch.setattr(api, "submit", submitted)
+    monkeypatch.setattr(api, "status", lambda *args: count_as_string(status(*args)))
+    monkeypatch.setattr(api, "read_page", lambda *args: map(rows_as_strings, read_page(*args)))
+    small_pages(clean_emulator, dc, 60, 9_000)
     with dc.query(f'SELECT "ExternalId__c", "Amount__c" FROM {DMO} ORDER BY 1', page_rows=500) as result:
         rows = list(result)
     assert len(rows) == 2_000 and result.row_count == 2_000
@@ -224,3 +265,66 @@ def test_row_converter_accepts_strings_and_numbers():
         None)
     assert convert(["a", 1.5, 7.0, False, "2025-01-02", "2025-01-02 03:04:05+00", 2, 3])[1:4] == (
         Decimal("1.5"), 7, False)
+
+
+# -- streamed pages -----------------------------------------------------------------------------------------------
+PAGE_ROWS = [[f"K'{i}],[\"x", i * 1.5, None, i % 2 == 0, "日本 🚀"] for i in range(3_000)] + [["last", 1, 2]]
+
+
+def in_pieces(body: bytes, size: int):
+    return (body[i:i + size] for i in range(0, len(body), size))
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")])
+def test_page_rows_decoded_while_downloading(piece, separators):
+    """Rows holding "],[" and multi-byte characters split anywhere; the other members are kept."""
+    body = json.dumps({"metadata": {"columns": []}, "data": PAGE_ROWS, "returnedRows": 3_001}, ensure_ascii=False,
+                      separators=separators).encode()
+    fields = {}
+    blocks = list(iter_page_rows(in_pieces(body, piece), fields, block_chars=4_000))
+    assert [row for block in blocks for row in block] == PAGE_ROWS
+    assert fields == {"metadata": {"columns": []}, "returnedRows": 3_001}
+    assert len(blocks) > 10  # never one block for the whole page
+
+
+def test_page_rows_edge_shapes():
+    assert list(iter_page_rows([b'{"data":[],"returnedRows":0}'])) == []
+    assert list(iter_page_rows([b"{}"])) == []
+    assert [r for b in iter_page_rows([b'{"returnedRows":1,', b'"data":[[12', b'3]]}']) for r in b] == [[123]]
+    for cut in (b'{"data":[[1],[2', b'{"data":[[1],[2]]', b'{"data":[[1],["ab'):
+        with pytest.raises(_TruncatedPage):
+            list(iter_page_rows(in_pieces(cut, 3)))
+    with pytest.raises(ValueError, match="expected"):
+        list(iter_page_rows([b'{"data":[[1] [2]]}']))
+
+
+class _BreakingApi:
+    """Serves rows 0..n in pages, breaking the first page off after one block."""
+
+    def __init__(self, total: int, page: int, breaks: int) -> None:
+        self.total, self.page, self.breaks = total, page, breaks
+        self.client = type("C", (), {"retry": type("R", (), {"max_attempts": 3})()})()
+        self.reads: list[int] = []
+
+    def read_page(self, query_id, offset, limit):
+        self.reads.append(offset)
+        end = min(self.total, offset + min(limit, self.page))
+        yield [[i] for i in range(offset, min(end, offset + 10))]
+        if self.breaks:
+            self.breaks -= 1
+            raise requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
+        if offset + 10 < end:
+            yield [[i] for i in range(offset + 10, end)]
+
+
+def test_a_page_broken_off_is_read_again_from_the_first_undelivered_row():
+    api = _BreakingApi(total=95, page=40, breaks=2)
+    pages = _Pages(api, "q", {"completionStatus": "Finished", "rowCount": 95}, 0, None, 1_000)
+    assert [row[0] for block in pages.blocks() for row in block] == list(range(95))
+    assert api.reads == [0, 10, 20, 60]
+
+    stubborn = _BreakingApi(total=95, page=40, breaks=5)
+    pages = _Pages(stubborn, "q", {"completionStatus": "Finished", "rowCount": 95}, 0, None, 1_000)
+    with pytest.raises(SalesforceApiError, match="broke off 3 times"):
+        list(pages.blocks())

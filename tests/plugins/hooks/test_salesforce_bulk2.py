@@ -152,6 +152,7 @@ def test_direct_session_id_cannot_be_renewed(clean_emulator, sf_default):
     ({"version": "v62"}, "version"),
     ({"login_url": "http://127.0.0.1:1"}, "https://"),
     ({"ca_bundle": "/nonexistent/ca.pem"}, "not a file"),
+    ({"datacloud_query_api": "v2"}, "datacloud_query_api' must be one of v3, query-sql"),
 ])
 def test_bad_connection_settings_are_named(make_conn, extras, message):
     with pytest.raises(SalesforceConfigError, match=message):
