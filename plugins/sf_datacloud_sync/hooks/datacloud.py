@@ -15,14 +15,15 @@ import json
 import logging
 import queue
 import re
+import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from functools import cached_property
-from typing import Any
+from functools import cached_property, partial
+from typing import IO, Any
 
 import requests
 from airflow.sdk import BaseHook
@@ -213,7 +214,6 @@ def row_converter(types: Sequence[str]) -> Callable[[list], tuple]:
 # -- streamed pages ----------------------------------------------------------------------------------------------
 BLOCK_CHARS = 256 * 1024  # text decoded per json.loads call: ~1,000 rows of a typical DMO
 READ_CHUNK_BYTES = 64 * 1024
-PREFETCH_BLOCKS = 2  # decoded blocks waiting for the consumer, per query
 _WHITESPACE = frozenset(" \t\r\n")
 _DECODER = json.JSONDecoder()
 
@@ -222,7 +222,7 @@ class _TruncatedPage(ValueError):
     """The body ended (or stopped making sense) before the page's JSON did."""
 
 
-# A page that stops mid-body is read again from its first undelivered row.
+# A page that stops mid-body is downloaded again.
 _BROKEN_BODY = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError, _TruncatedPage)
 _MAX_VALUE_CHARS = 32 * BLOCK_CHARS  # a single value (a row) longer than this means the body is not a page
 
@@ -396,59 +396,70 @@ class _Pages:
         while not self.done and not self.stop.is_set():
             self.status = self.api.wait_done(self.query_id, self.offset)
 
-    def blocks(self) -> Iterator[list[list[Any]]]:
-        """Row blocks from the current offset to the end; each page is decoded while it downloads.
+    def pages(self) -> Iterator[IO[bytes]]:
+        """Pages from the current offset to the end, each in a temporary file positioned at its start.
 
-        A page cut off mid-body (connection reset, truncated chunked encoding) is asked for again from the
-        first row not yet delivered, within the client's retry budget.
+        A page is downloaded whole, at full speed, and its rows counted as it arrives (the next page's offset), so
+        no connection stays open while rows are consumed at Bulk API's pace (idle connections get cut). Only
+        blocks of decoded rows are ever in memory, whatever the page size.
         """
-        broken = 0
         while True:
             self.wait()
             left = self.wanted()
             if left == 0 or self.stop.is_set():
                 return
-            limit = self.page_rows if left is None else min(self.page_rows, left)
-            got = 0
-            try:
-                for block in self.api.read_page(self.query_id, self.offset, limit):
-                    got += len(block)
-                    self.offset += len(block)
-                    yield block
-                    if self.stop.is_set():
-                        return
-            except _BROKEN_BODY as exc:
-                broken += 1
-                if broken >= self.api.client.retry.max_attempts:
-                    raise SalesforceConnectionError(
-                        0,
-                        type(exc).__name__,
-                        f"the page of query {self.query_id} at row {self.offset} broke off {broken} times: {exc}",
-                    ) from None
-                log.warning(
-                    "Data Cloud page of query %s broke off after %d rows (%s); reading again from row %d",
-                    self.query_id,
-                    got,
-                    type(exc).__name__,
-                    self.offset,
-                )
-                continue
-            if got == 0:
+            spool, rows = self._download(self.offset, self.page_rows if left is None else min(self.page_rows, left))
+            if rows == 0:
+                spool.close()
                 if left is None:  # no rowCount given: an empty page is the end
                     return
-                raise DataCloudQueryError(
-                    200,
-                    "NO_ROWS",
-                    f"query {self.query_id} returned no rows at offset {self.offset} of {self.row_count}",
-                )
+                raise DataCloudQueryError(200, "NO_ROWS", f"query {self.query_id} returned no rows at offset "
+                                          f"{self.offset} of {self.row_count}")
+            self.offset += rows
+            yield spool
+
+    def _download(self, offset: int, limit: int) -> tuple[IO[bytes], int]:
+        """One page into a temporary file, and its row count; a body cut off midway (connection reset, truncated
+        chunked encoding) is downloaded again, within the client's retry budget."""
+        broken = 0
+        while True:
+            spool = tempfile.TemporaryFile(prefix="datacloud-page-")  # noqa: SIM115 - handed over open
+            try:
+                rows = self.api.download_page(self.query_id, offset, limit, spool)
+                spool.seek(0)
+                return spool, rows
+            except _BROKEN_BODY as exc:
+                spool.close()
+                broken += 1
+                if broken >= self.api.client.retry.max_attempts:
+                    raise SalesforceConnectionError(0, type(exc).__name__, f"the page of query {self.query_id} at "
+                                                    f"row {offset} broke off {broken} times: {exc}") from None
+                log.warning("Data Cloud page of query %s at row %d broke off (%s: %s); downloading it again",
+                            self.query_id, offset, type(exc).__name__, exc)
+            except BaseException:
+                spool.close()
+                raise
+
+
+def _page_blocks(spool: IO[bytes]) -> Iterator[list[list[Any]]]:
+    """The rows of a downloaded page in blocks; the file is closed (and so deleted) at the end."""
+    try:
+        yield from iter_page_rows(iter(partial(spool.read, READ_CHUNK_BYTES), b""))
+    finally:
+        spool.close()
+
+
+def _blocks_of(spools: Iterable[IO[bytes]]) -> Iterator[list[list[Any]]]:
+    for spool in spools:
+        yield from _page_blocks(spool)
 
 
 class DataCloudResult(Iterator[tuple]):
     """Rows of one Data Cloud query as tuples (SELECT order); use as a context manager.
 
-    Pages are decoded in blocks while they download, so memory stays a few blocks per query however large
-    the pages are (Query API v3 sends up to 20 MB). Closing the result before the last row cancels the query
-    on the server.
+    Pages wait in temporary files and are decoded in blocks as rows are taken, so memory stays a few blocks per
+    query however large the pages are (Query API v3 sends up to 20 MB). Closing the result before the last row
+    cancels the query on the server.
 
     :ivar columns: Column names.
     :ivar types: Data Cloud type names (``Varchar``/``varchar``, ``Numeric``, ``Date``, ``TimestampTZ``, ...).
@@ -475,7 +486,7 @@ class DataCloudResult(Iterator[tuple]):
         if pages.row_limit is not None:
             first_rows = first_rows[: pages.row_limit]
         self._rows: Iterator[tuple] = iter(map(self._convert, first_rows))
-        self._blocks = self._prefetched() if prefetch else pages.blocks()
+        self._blocks = self._prefetched() if prefetch else _blocks_of(pages.pages())
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         self._finalizer = weakref.finalize(self, pages.stop.set)
@@ -512,8 +523,8 @@ class DataCloudResult(Iterator[tuple]):
             self._rows = iter(map(self._convert, block))
 
     def _prefetched(self) -> Iterator[list[list[Any]]]:
-        """Blocks read and decoded in a thread, at most :data:`PREFETCH_BLOCKS` ahead of the consumer."""
-        self._queue = q = queue.Queue(maxsize=PREFETCH_BLOCKS)
+        """Pages downloaded in a thread, one ahead of the one being read, and decoded here as rows are taken."""
+        self._queue = q = queue.Queue(maxsize=1)
         pages = self._pages
 
         def put(item: Any) -> bool:
@@ -526,16 +537,17 @@ class DataCloudResult(Iterator[tuple]):
             return False
 
         def run() -> None:
-            blocks = pages.blocks()
+            spools = pages.pages()
             try:
-                for block in blocks:
-                    if not put(block):
+                for spool in spools:
+                    if not put(spool):
+                        spool.close()
                         return
                 put(_SENTINEL_END)
             except BaseException as exc:
                 put(exc)
             finally:
-                blocks.close()  # closes a page still downloading
+                spools.close()
 
         self._thread = threading.Thread(target=run, name=f"datacloud-prefetch-{self.query_id[:12]}", daemon=True)
         self._thread.start()
@@ -545,8 +557,7 @@ class DataCloudResult(Iterator[tuple]):
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item
-            del item
+            yield from _page_blocks(item)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -555,16 +566,17 @@ class DataCloudResult(Iterator[tuple]):
             return
         self._closed = True
         self._pages.stop.set()
-        if self._queue is not None:  # drop blocks read ahead
+        if self._queue is not None:  # drop a page downloaded ahead
             while True:
                 try:
-                    self._queue.get_nowait()
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                if hasattr(item, "close"):
+                    item.close()
         if self._thread is not None:
             self._thread.join(timeout=60)
-        else:
-            self._blocks.close()
+        self._blocks.close()  # closes the page being read
         self._rows = iter(())
         total = self._pages.row_count
         # Complete = the server has nothing left for us (a row_limit stop leaves rows behind: cancel those).
@@ -617,10 +629,16 @@ class _QueryApi:
     def cancel(self, query_id: str) -> None:
         raise NotImplementedError
 
-    def read_page(self, query_id: str, offset: int, limit: int) -> Iterator[list[list[Any]]]:
-        """Row blocks of the page at ``offset``, decoded while it downloads."""
+    def download_page(self, query_id: str, offset: int, limit: int, spool: IO[bytes]) -> int:
+        """Write the page at ``offset`` to ``spool``; its rows, counted (decoded and dropped) as it arrives."""
         with self.open_page(query_id, offset, limit) as resp:
-            yield from iter_page_rows(resp.iter_content(READ_CHUNK_BYTES))
+
+            def chunks() -> Iterator[bytes]:
+                for chunk in resp.iter_content(READ_CHUNK_BYTES):
+                    spool.write(chunk)
+                    yield chunk
+
+            return sum(len(block) for block in iter_page_rows(chunks()))
 
     def wait_done(self, query_id: str, offset: int) -> dict[str, Any]:
         """Long-poll until the query has produced all its rows; raise if it failed or took too long."""
@@ -937,6 +955,8 @@ class DataCloudHook(BaseHook):
         self.status_wait_ms = max(0, min(int(status_wait_ms), 10_000))
         self.query_timeout = query_timeout
         self.page_bytes = page_bytes
+        self._api: _QueryApi | None = None
+        self._api_lock = threading.Lock()
 
     @cached_property
     def salesforce(self) -> SalesforceBulk2Hook:
@@ -954,10 +974,14 @@ class DataCloudHook(BaseHook):
     def dataspace(self) -> str:
         return self._dataspace or self.client.config.dataspace
 
-    @cached_property
+    @property
     def api(self) -> _QueryApi:
-        """The query API in use (``api.name``: ``v3`` or ``query-sql``)."""
-        return _QUERY_APIS[self._query_api or self.client.config.datacloud_query_api](self)
+        """The query API in use (``api.name``: ``v3`` or ``query-sql``); one per hook, so one token exchange."""
+        if self._api is None:
+            with self._api_lock:  # a group's queries are submitted from several threads at once
+                if self._api is None:
+                    self._api = _QUERY_APIS[self._query_api or self.client.config.datacloud_query_api](self)
+        return self._api
 
     def _params(self, **extra: Any) -> dict[str, Any]:
         return {

@@ -16,6 +16,7 @@ from sf_datacloud_sync.hooks.datacloud import (
     DataCloudQueryError,
     DataCloudQueryExpired,
     SqlParam,
+    _blocks_of,
     _Pages,
     _status_of,
     _TruncatedPage,
@@ -204,10 +205,26 @@ def test_shares_the_salesforce_session(clean_emulator, sf_default):
     assert requests_to(clean_emulator, "oauth2/token") == 1
 
 
+class _Reshaped:
+    """A page response whose body was rewritten."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+    def iter_content(self, size):
+        return in_pieces(self.body, size)
+
+
 def test_counts_and_numbers_as_strings(dc, clean_emulator, monkeypatch):
     """The connector's shapes (rowCount and numbers as strings) are read like the plain ones."""
     api = dc.api
-    submit, status, read_page = api.submit, api.status, api.read_page
+    submit, status, open_page = api.submit, api.status, api.open_page
 
     def stringify(value):
         if isinstance(value, bool) or value is None:
@@ -224,9 +241,14 @@ def test_counts_and_numbers_as_strings(dc, clean_emulator, monkeypatch):
         got = submit(*args)
         return replace(got, status=count_as_string(got.status), rows=rows_as_strings(got.rows))
 
+    def page_as_strings(*args):
+        with open_page(*args) as resp:
+            page = json.loads(resp.content)
+        return _Reshaped(json.dumps({**page, "data": rows_as_strings(page["data"])}).encode())
+
     monkeypatch.setattr(api, "submit", submitted)
     monkeypatch.setattr(api, "status", lambda *args: count_as_string(status(*args)))
-    monkeypatch.setattr(api, "read_page", lambda *args: map(rows_as_strings, read_page(*args)))
+    monkeypatch.setattr(api, "open_page", page_as_strings)
     small_pages(clean_emulator, dc, 60, 9_000)
     with dc.query(f'SELECT "ExternalId__c", "Amount__c" FROM {DMO} ORDER BY 1', page_rows=500) as result:
         rows = list(result)
@@ -300,31 +322,32 @@ def test_page_rows_edge_shapes():
 
 
 class _BreakingApi:
-    """Serves rows 0..n in pages, breaking the first page off after one block."""
+    """Serves rows 0..total in pages of ``page`` rows; the first ``breaks`` downloads break off midway."""
 
     def __init__(self, total: int, page: int, breaks: int) -> None:
         self.total, self.page, self.breaks = total, page, breaks
         self.client = type("C", (), {"retry": type("R", (), {"max_attempts": 3})()})()
         self.reads: list[int] = []
 
-    def read_page(self, query_id, offset, limit):
+    def download_page(self, query_id, offset, limit, spool):
         self.reads.append(offset)
-        end = min(self.total, offset + min(limit, self.page))
-        yield [[i] for i in range(offset, min(end, offset + 10))]
+        rows = [[i] for i in range(offset, min(self.total, offset + min(limit, self.page)))]
+        body = json.dumps({"data": rows}).encode()
         if self.breaks:
             self.breaks -= 1
+            spool.write(body[:len(body) // 2])
             raise requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
-        if offset + 10 < end:
-            yield [[i] for i in range(offset + 10, end)]
+        spool.write(body)
+        return len(rows)
 
 
-def test_a_page_broken_off_is_read_again_from_the_first_undelivered_row():
+def test_a_page_broken_off_is_downloaded_again():
     api = _BreakingApi(total=95, page=40, breaks=2)
     pages = _Pages(api, "q", {"completionStatus": "Finished", "rowCount": 95}, 0, None, 1_000)
-    assert [row[0] for block in pages.blocks() for row in block] == list(range(95))
-    assert api.reads == [0, 10, 20, 60]
+    assert [row[0] for block in _blocks_of(pages.pages()) for row in block] == list(range(95))
+    assert api.reads == [0, 0, 0, 40, 80]
 
     stubborn = _BreakingApi(total=95, page=40, breaks=5)
     pages = _Pages(stubborn, "q", {"completionStatus": "Finished", "rowCount": 95}, 0, None, 1_000)
     with pytest.raises(SalesforceApiError, match="broke off 3 times"):
-        list(pages.blocks())
+        list(pages.pages())
