@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "hook_throughput",
-        "description": "Data Cloud query-sql -> stream_rows_to_jobs -> Bulk API 2.0 upsert jobs, one client "
+        "description": "Data Cloud (the connection's query API, v3 by default) -> stream_rows_to_jobs -> Bulk API 2.0 upsert jobs, one client "
                        "process, emulator instant profile; seconds_total runs from query submission until every "
                        "job is JobComplete",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},

@@ -212,7 +212,8 @@ def row_converter(types: Sequence[str]) -> Callable[[list], tuple]:
 
 
 # -- streamed pages ----------------------------------------------------------------------------------------------
-BLOCK_CHARS = 256 * 1024  # text decoded per json.loads call: ~1,000 rows of a typical DMO
+# Text decoded per json.loads call (~300 rows of a typical DMO): larger blocks left more memory fragmented.
+BLOCK_CHARS = 64 * 1024
 READ_CHUNK_BYTES = 64 * 1024
 _WHITESPACE = frozenset(" \t\r\n")
 _DECODER = json.JSONDecoder()
@@ -224,6 +225,7 @@ class _TruncatedPage(ValueError):
 
 # A page that stops mid-body is downloaded again.
 _BROKEN_BODY = (requests.exceptions.ChunkedEncodingError, requests.exceptions.ConnectionError, _TruncatedPage)
+_RETURNED_ROWS_AT_END = re.compile(rb'"returnedRows"\s*:\s*(\d+)\s*}\s*$')
 _MAX_VALUE_CHARS = 32 * BLOCK_CHARS  # a single value (a row) longer than this means the body is not a page
 
 
@@ -396,12 +398,13 @@ class _Pages:
         while not self.done and not self.stop.is_set():
             self.status = self.api.wait_done(self.query_id, self.offset)
 
-    def pages(self) -> Iterator[IO[bytes]]:
-        """Pages from the current offset to the end, each in a temporary file positioned at its start.
+    def pages(self) -> Iterator[tuple[IO[bytes], int, str]]:
+        """Pages from the current offset to the end: a temporary file positioned at its start, its row count, and
+        where it is (for errors).
 
-        A page is downloaded whole, at full speed, and its rows counted as it arrives (the next page's offset), so
-        no connection stays open while rows are consumed at Bulk API's pace (idle connections get cut). Only
-        blocks of decoded rows are ever in memory, whatever the page size.
+        A page is downloaded whole, at full speed, so no connection stays open while rows are consumed at Bulk
+        API's pace (idle connections get cut). Only blocks of decoded rows are ever in memory, whatever the page
+        size.
         """
         while True:
             self.wait()
@@ -415,8 +418,9 @@ class _Pages:
                     return
                 raise DataCloudQueryError(200, "NO_ROWS", f"query {self.query_id} returned no rows at offset "
                                           f"{self.offset} of {self.row_count}")
+            where = f"query {self.query_id} at row {self.offset}"
             self.offset += rows
-            yield spool
+            yield spool, rows, where
 
     def _download(self, offset: int, limit: int) -> tuple[IO[bytes], int]:
         """One page into a temporary file, and its row count; a body cut off midway (connection reset, truncated
@@ -441,17 +445,23 @@ class _Pages:
                 raise
 
 
-def _page_blocks(spool: IO[bytes]) -> Iterator[list[list[Any]]]:
-    """The rows of a downloaded page in blocks; the file is closed (and so deleted) at the end."""
+def _page_blocks(spool: IO[bytes], rows: int, where: str) -> Iterator[list[list[Any]]]:
+    """The ``rows`` rows of a downloaded page in blocks; the file is closed (and so deleted) at the end."""
     try:
-        yield from iter_page_rows(iter(partial(spool.read, READ_CHUNK_BYTES), b""))
+        seen = 0
+        for block in iter_page_rows(iter(partial(spool.read, READ_CHUNK_BYTES), b"")):
+            seen += len(block)
+            yield block
+        if seen != rows:  # the next page was asked for after `rows`: rows would be skipped or repeated
+            raise DataCloudQueryError(200, "ROW_COUNT_MISMATCH", f"the page of {where} said returnedRows {rows} "
+                                      f"but held {seen} rows")
     finally:
         spool.close()
 
 
-def _blocks_of(spools: Iterable[IO[bytes]]) -> Iterator[list[list[Any]]]:
-    for spool in spools:
-        yield from _page_blocks(spool)
+def _blocks_of(pages: Iterable[tuple[IO[bytes], int, str]]) -> Iterator[list[list[Any]]]:
+    for page in pages:
+        yield from _page_blocks(*page)
 
 
 class DataCloudResult(Iterator[tuple]):
@@ -539,9 +549,9 @@ class DataCloudResult(Iterator[tuple]):
         def run() -> None:
             spools = pages.pages()
             try:
-                for spool in spools:
-                    if not put(spool):
-                        spool.close()
+                for page in spools:
+                    if not put(page):
+                        page[0].close()
                         return
                 put(_SENTINEL_END)
             except BaseException as exc:
@@ -557,7 +567,7 @@ class DataCloudResult(Iterator[tuple]):
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield from _page_blocks(item)
+            yield from _page_blocks(*item)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -572,8 +582,8 @@ class DataCloudResult(Iterator[tuple]):
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if hasattr(item, "close"):
-                    item.close()
+                if isinstance(item, tuple):
+                    item[0].close()
         if self._thread is not None:
             self._thread.join(timeout=60)
         self._blocks.close()  # closes the page being read
@@ -630,15 +640,18 @@ class _QueryApi:
         raise NotImplementedError
 
     def download_page(self, query_id: str, offset: int, limit: int, spool: IO[bytes]) -> int:
-        """Write the page at ``offset`` to ``spool``; its rows, counted (decoded and dropped) as it arrives."""
+        """Write the page at ``offset`` to ``spool``; its row count is the ``returnedRows`` that ends it (both APIs
+        send it last), else the rows counted in the file."""
+        tail = b""
         with self.open_page(query_id, offset, limit) as resp:
-
-            def chunks() -> Iterator[bytes]:
-                for chunk in resp.iter_content(READ_CHUNK_BYTES):
-                    spool.write(chunk)
-                    yield chunk
-
-            return sum(len(block) for block in iter_page_rows(chunks()))
+            for chunk in resp.iter_content(READ_CHUNK_BYTES):
+                spool.write(chunk)
+                tail = (tail + chunk)[-64:]
+        found = _RETURNED_ROWS_AT_END.search(tail)
+        if found:
+            return int(found.group(1))
+        spool.seek(0)
+        return sum(len(block) for block in iter_page_rows(iter(partial(spool.read, READ_CHUNK_BYTES), b"")))
 
     def wait_done(self, query_id: str, offset: int) -> dict[str, Any]:
         """Long-poll until the query has produced all its rows; raise if it failed or took too long."""

@@ -17,7 +17,9 @@ from sf_datacloud_sync.hooks.datacloud import (
     DataCloudQueryExpired,
     SqlParam,
     _blocks_of,
+    _page_blocks,
     _Pages,
+    _QuerySqlApi,
     _status_of,
     _TruncatedPage,
     iter_page_rows,
@@ -339,6 +341,30 @@ class _BreakingApi:
             raise requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
         spool.write(body)
         return len(rows)
+
+
+@pytest.mark.parametrize("returned", ["last", "first", "none"])
+def test_a_page_is_counted_by_its_returned_rows_or_by_its_rows(returned, tmp_path):
+    rows = [[i, "x"] for i in range(500)]
+    page = {"data": rows}
+    if returned == "last":
+        page["returnedRows"] = 500
+    elif returned == "first":
+        page = {"returnedRows": 500, **page}
+    api = _QuerySqlApi.__new__(_QuerySqlApi)
+    api.open_page = lambda *args: _Reshaped(json.dumps(page, indent=1 if returned == "first" else None).encode())
+    with open(tmp_path / "page", "w+b") as spool:
+        assert api.download_page("q", 0, 1_000, spool) == 500
+        spool.seek(0)
+        assert [row for block in _page_blocks(spool, 500, "q") for row in block] == rows
+
+
+def test_a_page_that_holds_other_than_it_says_fails(tmp_path):
+    with open(tmp_path / "page", "w+b") as spool:
+        spool.write(json.dumps({"data": [[1], [2]], "returnedRows": 3}).encode())
+        spool.seek(0)
+        with pytest.raises(DataCloudQueryError, match="page of query q at row 7 said returnedRows 3 but held 2"):
+            list(_page_blocks(spool, 3, "query q at row 7"))
 
 
 def test_a_page_broken_off_is_downloaded_again():
