@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import math
@@ -1297,151 +1298,146 @@ def _v3_bool(request: Request, name: str) -> bool:
         raise V3Error(400, err.message) from None
 
 
+def _v3_endpoint(handler):
+    """What every v3 route does first: check the a360 token, the data space header and the Accept header, and charge
+    the request's latency; a :class:`V3Error` (or a query-sql error) becomes the tenant error body."""
+
+    @functools.wraps(handler)  # FastAPI reads the handler's signature through __wrapped__
+    async def endpoint(*args: Any, **kwargs: Any) -> Response:
+        request: Request = kwargs["request"]
+        denied = _tenant_session(request, v3=True)
+        if denied is not None:
+            return denied
+        try:
+            _v3_check_request(request)
+            await _delay(auth.org_of(request))
+            return await handler(*args, **kwargs)
+        except (V3Error, ApiError, dcsql.SqlError) as err:
+            return V3Error.of(err).response(request)
+
+    return endpoint
+
+
 @router.post("/api/v3/query")
+@_v3_endpoint
 async def v3_submit(request: Request) -> Response:
     org = auth.org_of(request)
-    denied = _tenant_session(request, v3=True)
-    if denied is not None:
-        return denied
     try:
-        await _delay(org)
-        _v3_check_request(request)
-        try:
-            body = await _json_body(request)
-        except ApiError as err:
-            raise V3Error(400, err.message) from None
-        if not isinstance(body, dict):
-            raise V3Error(400, "The request body must be a JSON object.")
-        sql = body.get("sql")
-        if not isinstance(sql, str) or not sql.strip():
-            raise V3Error(400, "sql is required")
-        mode = body.get("transferMode", "ADAPTIVE")
-        if mode not in V3_TRANSFER_MODES:
-            raise V3Error(400, f"Invalid transferMode: {mode!r} (ASYNC or ADAPTIVE)")
-        style = body.get("paramStyle", "QUESTION_MARK")
-        if style not in V3_PARAM_STYLES:
-            raise V3Error(400, f"Invalid paramStyle: {style!r} (QUESTION_MARK, NAMED or DOLLARED)")
-        row_limit = body.get("queryRowLimit")
-        if row_limit is not None and (isinstance(row_limit, bool) or not isinstance(row_limit, int) or row_limit < 0):
-            raise V3Error(400, f"Invalid queryRowLimit: {row_limit!r}")
-        settings = body.get("settings")
-        if settings is not None and not isinstance(settings, dict):
-            raise V3Error(400, "settings must be an object")
-        # settings.timezone / settings.language and resultRange are accepted and ignored.
-        sql, parameters = _v3_params(sql, style, body.get("parameters"))
-        svc = service(org)
-        q = svc.submit(sql, parameters, settings, request.headers.get("x-hyperdb-workload"),
-                       query_id=_v3_query_id(org), max_rows=row_limit)
-        data, n = b"", 0
-        if mode == "ADAPTIVE":
-            p = org.profile
-            first_rows = p.dc_first_page_max_rows if row_limit is None else min(p.dc_first_page_max_rows, row_limit)
-            cap = math.inf if row_limit is None else row_limit  # all of a capped result: wait for FINISHED
-            await svc.wait(q, lambda: q.finished() or first_rows <= q.visible() < cap,
-                           p.scaled(ADAPTIVE_TIMEOUT_MAX_S))
-            q = _v3_get(svc, q.id)
-            data, n = svc.read_rows(q, 0, first_rows, min(p.dc_page_max_bytes, FIRST_PAGE_MAX_BYTES))
-            if n:
-                _count_page(org, n)
-        out = _v3_page(svc, q, data, n)
-        await _delay(org, len(out), latency=False)
-        return _v3_response(out, q)
-    except (V3Error, ApiError, dcsql.SqlError) as err:
-        return V3Error.of(err).response(request)
+        body = await _json_body(request)
+    except ApiError as err:
+        raise V3Error(400, err.message) from None
+    if not isinstance(body, dict):
+        raise V3Error(400, "The request body must be a JSON object.")
+    sql = body.get("sql")
+    if not isinstance(sql, str) or not sql.strip():
+        raise V3Error(400, "sql is required")
+    mode = body.get("transferMode", "ADAPTIVE")
+    if mode not in V3_TRANSFER_MODES:
+        raise V3Error(400, f"Invalid transferMode: {mode!r} (ASYNC or ADAPTIVE)")
+    style = body.get("paramStyle", "QUESTION_MARK")
+    if style not in V3_PARAM_STYLES:
+        raise V3Error(400, f"Invalid paramStyle: {style!r} (QUESTION_MARK, NAMED or DOLLARED)")
+    row_limit = body.get("queryRowLimit")
+    if row_limit is not None and (isinstance(row_limit, bool) or not isinstance(row_limit, int) or row_limit < 0):
+        raise V3Error(400, f"Invalid queryRowLimit: {row_limit!r}")
+    settings = body.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise V3Error(400, "settings must be an object")
+    # settings.timezone / settings.language and resultRange are accepted and ignored.
+    sql, parameters = _v3_params(sql, style, body.get("parameters"))
+    svc = service(org)
+    q = svc.submit(sql, parameters, settings, request.headers.get("x-hyperdb-workload"),
+                   query_id=_v3_query_id(org), max_rows=row_limit)
+    data, n = b"", 0
+    if mode == "ADAPTIVE":
+        p = org.profile
+        first_rows = p.dc_first_page_max_rows if row_limit is None else min(p.dc_first_page_max_rows, row_limit)
+        cap = math.inf if row_limit is None else row_limit  # all of a capped result: wait for FINISHED
+        await svc.wait(q, lambda: q.finished() or first_rows <= q.visible() < cap,
+                       p.scaled(ADAPTIVE_TIMEOUT_MAX_S))
+        q = _v3_get(svc, q.id)
+        data, n = svc.read_rows(q, 0, first_rows, min(p.dc_page_max_bytes, FIRST_PAGE_MAX_BYTES))
+        if n:
+            _count_page(org, n)
+    out = _v3_page(svc, q, data, n)
+    await _delay(org, len(out), latency=False)
+    return _v3_response(out, q)
 
 
 @router.get("/api/v3/query/{query_id}")
+@_v3_endpoint
 async def v3_status(query_id: str, request: Request) -> Response:
     org = auth.org_of(request)
-    denied = _tenant_session(request, v3=True)
-    if denied is not None:
-        return denied
-    try:
-        await _delay(org)
-        # "waitTimeMs ... Default and maximum: 10000"
-        wait_ms = min(_v3_int(request, "waitTimeMs", STATUS_WAIT_MAX_MS) or 0, STATUS_WAIT_MAX_MS,
-                      org.profile.dc_status_long_poll_max_ms)
-        svc = service(org)
+    # "waitTimeMs ... Default and maximum: 10000"
+    wait_ms = min(_v3_int(request, "waitTimeMs", STATUS_WAIT_MAX_MS) or 0, STATUS_WAIT_MAX_MS,
+                  org.profile.dc_status_long_poll_max_ms)
+    svc = service(org)
+    q = _v3_get(svc, query_id)
+    if wait_ms:
+        await svc.wait(q, q.finished, org.profile.scaled(wait_ms / 1000))
         q = _v3_get(svc, query_id)
-        if wait_ms:
-            await svc.wait(q, q.finished, org.profile.scaled(wait_ms / 1000))
-            q = _v3_get(svc, query_id)
-        status = _v3_status(q)
-        return json_response(status, headers={"x-hyperdb-status": json.dumps(status, separators=(",", ":"))})
-    except (V3Error, ApiError) as err:
-        return V3Error.of(err).response(request)
+    status = _v3_status(q)
+    return json_response(status, headers={"x-hyperdb-status": json.dumps(status, separators=(",", ":"))})
 
 
 @router.get("/api/v3/query/{query_id}/rows")
+@_v3_endpoint
 async def v3_rows(query_id: str, request: Request) -> Response:
     org = auth.org_of(request)
-    denied = _tenant_session(request, v3=True)
-    if denied is not None:
-        return denied
-    try:
-        await _delay(org)
-        if request.query_params.get("offset") in (None, ""):
-            raise V3Error(400, "Missing required parameter offset")
-        offset = _v3_int(request, "offset", 0) or 0
-        limit = _v3_int(request, "limit", None, minimum=1)
-        byte_limit = _v3_int(request, "byteLimit", V3_BYTE_LIMIT_MAX, minimum=1, maximum=V3_BYTE_LIMIT_MAX)
-        omit_schema = _v3_bool(request, "omitSchema")
-        svc = service(org)
+    if request.query_params.get("offset") in (None, ""):
+        raise V3Error(400, "Missing required parameter offset")
+    offset = _v3_int(request, "offset", 0) or 0
+    limit = _v3_int(request, "limit", None, minimum=1)
+    byte_limit = _v3_int(request, "byteLimit", V3_BYTE_LIMIT_MAX, minimum=1, maximum=V3_BYTE_LIMIT_MAX)
+    omit_schema = _v3_bool(request, "omitSchema")
+    svc = service(org)
+    q = _v3_get(svc, query_id)
+    if offset >= q.visible() and not q.finished():
+        # Still running: long-poll for the rows at ``offset``, as query-sql's /rows does.
+        await svc.wait(q, lambda: q.visible() > offset or q.finished(),
+                       org.profile.scaled(org.profile.dc_status_long_poll_max_ms / 1000))
         q = _v3_get(svc, query_id)
-        if offset >= q.visible() and not q.finished():
-            # Still running: long-poll for the rows at ``offset``, as query-sql's /rows does.
-            await svc.wait(q, lambda: q.visible() > offset or q.finished(),
-                           org.profile.scaled(org.profile.dc_status_long_poll_max_ms / 1000))
-            q = _v3_get(svc, query_id)
-        total = q.visible()
-        if q.finished() and offset >= total and not (offset == 0 and total == 0):
-            raise V3Error(400, f"Request out of range: offset {offset} is beyond the last row of the result "
-                          f"({total} rows)", details={"customerHint": "Stop paging when offset reaches rowCount."})
-        head = _v3_body_head(svc, q, omit_schema)
-        # byteLimit bounds the whole body (the envelope's tail is at most 40 bytes); at least one row is sent
-        data, n = svc.read_rows(q, offset, limit if limit is not None else max(total - offset, 0),
-                                max(0, byte_limit - len(head) - 40))
-        out = b"".join((head, data, b'],"returnedRows":%d}' % n))
-        _count_page(org, n)
-        await _delay(org, len(out), latency=False)
-        return _v3_response(out, q)
-    except (V3Error, ApiError) as err:
-        return V3Error.of(err).response(request)
+    total = q.visible()
+    if q.finished() and offset >= total and not (offset == 0 and total == 0):
+        raise V3Error(400, f"Request out of range: offset {offset} is beyond the last row of the result "
+                      f"({total} rows)", details={"customerHint": "Stop paging when offset reaches rowCount."})
+    head = _v3_body_head(svc, q, omit_schema)
+    # byteLimit bounds the whole body (the envelope's tail is at most 40 bytes); at least one row is sent
+    data, n = svc.read_rows(q, offset, limit if limit is not None else max(total - offset, 0),
+                            max(0, byte_limit - len(head) - 40))
+    out = b"".join((head, data, b'],"returnedRows":%d}' % n))
+    _count_page(org, n)
+    await _delay(org, len(out), latency=False)
+    return _v3_response(out, q)
 
 
 @router.get("/api/v3/query/{query_id}/chunks/{chunk_id}")
+@_v3_endpoint
 async def v3_chunk(query_id: str, chunk_id: str, request: Request) -> Response:
     """Chunk n = rows [n * CHUNK_ROWS, (n + 1) * CHUNK_ROWS), streamed from the rows file (chunked encoding)."""
     org = auth.org_of(request)
-    denied = _tenant_session(request, v3=True)
-    if denied is not None:
-        return denied
+    omit_schema = _v3_bool(request, "omitSchema")
     try:
-        await _delay(org)
-        omit_schema = _v3_bool(request, "omitSchema")
-        try:
-            n = int(chunk_id)
-        except ValueError:
-            raise V3Error(400, f"Invalid chunkId: {chunk_id}") from None
-        svc = service(org)
+        n = int(chunk_id)
+    except ValueError:
+        raise V3Error(400, f"Invalid chunkId: {chunk_id}") from None
+    svc = service(org)
+    q = _v3_get(svc, query_id)
+    if n >= 0 and not q.finished() and q.visible() < (n + 1) * CHUNK_ROWS:
+        await svc.wait(q, lambda: q.finished() or q.visible() >= (n + 1) * CHUNK_ROWS,
+                       org.profile.scaled(org.profile.dc_status_long_poll_max_ms / 1000))
         q = _v3_get(svc, query_id)
-        if n >= 0 and not q.finished() and q.visible() < (n + 1) * CHUNK_ROWS:
-            await svc.wait(q, lambda: q.finished() or q.visible() >= (n + 1) * CHUNK_ROWS,
-                           org.profile.scaled(org.profile.dc_status_long_poll_max_ms / 1000))
-            q = _v3_get(svc, query_id)
-        count = _v3_status(q)["chunkCount"]
-        if not 0 <= n < count:
-            raise V3Error(400, f"Request out of range: chunk {n} does not exist (chunkCount {count}"
-                          + ("" if q.finished() else ", the query is still running") + ")")
-        first, stop = n * CHUNK_ROWS, min(q.visible(), (n + 1) * CHUNK_ROWS)
-        head = _v3_body_head(svc, q, omit_schema)
-        headers = _v3_headers(q)
-        try:
-            fd = os.open(q.path, os.O_RDONLY)
-        except FileNotFoundError:  # dropped under us: cancelled or expired
-            raise V3Error(410, f"Query {query_id} has expired") from None
-    except (V3Error, ApiError) as err:
-        return V3Error.of(err).response(request)
+    count = _v3_status(q)["chunkCount"]
+    if not 0 <= n < count:
+        raise V3Error(400, f"Request out of range: chunk {n} does not exist (chunkCount {count}"
+                      + ("" if q.finished() else ", the query is still running") + ")")
+    first, stop = n * CHUNK_ROWS, min(q.visible(), (n + 1) * CHUNK_ROWS)
+    head = _v3_body_head(svc, q, omit_schema)
+    headers = _v3_headers(q)
+    try:
+        fd = os.open(q.path, os.O_RDONLY)
+    except FileNotFoundError:  # dropped under us: cancelled or expired
+        raise V3Error(410, f"Query {query_id} has expired") from None
     begin, end = q.starts[first], q.starts[stop] - 1  # row data without the trailing comma
     _count_page(org, stop - first)
 
@@ -1464,31 +1460,22 @@ async def v3_chunk(query_id: str, chunk_id: str, request: Request) -> Response:
 
 
 @router.get("/api/v3/query/{query_id}/metadata")
+@_v3_endpoint
 async def v3_metadata(query_id: str, request: Request) -> Response:
     org = auth.org_of(request)
-    denied = _tenant_session(request, v3=True)
-    if denied is not None:
-        return denied
-    try:
-        await _delay(org)
-        svc = service(org)
+    svc = service(org)
+    q = _v3_get(svc, query_id)
+    if q.metadata is None and any(t is None for t in q.types):  # types read off the first rows
+        await svc.wait(q, lambda: q.visible() > 0 or q.finished(),
+                       org.profile.scaled(org.profile.dc_status_long_poll_max_ms / 1000))
         q = _v3_get(svc, query_id)
-        if q.metadata is None and any(t is None for t in q.types):  # types read off the first rows
-            await svc.wait(q, lambda: q.visible() > 0 or q.finished(),
-                           org.profile.scaled(org.profile.dc_status_long_poll_max_ms / 1000))
-            q = _v3_get(svc, query_id)
-        return json_response({"metadata": {"columns": _v3_columns(svc, q)}}, headers=_v3_headers(q))
-    except (V3Error, ApiError) as err:
-        return V3Error.of(err).response(request)
+    return json_response({"metadata": {"columns": _v3_columns(svc, q)}}, headers=_v3_headers(q))
 
 
 @router.delete("/api/v3/query/{query_id}")
+@_v3_endpoint
 async def v3_cancel(query_id: str, request: Request) -> Response:
     org = auth.org_of(request)
-    denied = _tenant_session(request, v3=True)
-    if denied is not None:
-        return denied
-    await _delay(org)
     await service(org).expire(query_id, reason="cancelled")
     return Response(status_code=204)  # "Always returns 204 No Content"
 

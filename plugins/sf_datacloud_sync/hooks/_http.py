@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -483,6 +483,17 @@ def _mask(secret: str) -> None:
 
 
 # -- requests ---------------------------------------------------------------------------------------------------------
+class Credential(Protocol):
+    """A token for another host than the Salesforce session's (Data Cloud's tenant): :meth:`SalesforceClient.send`
+    uses its grant's token and base URL, and renews it once when the host answers 401."""
+
+    name: str
+
+    def grant(self) -> TokenGrant: ...
+
+    def renew(self, stale: TokenGrant) -> TokenGrant: ...
+
+
 @dataclass
 class ApiRequest:
     """A request relative to the instance (``path``) or absolute (``url``), and what counts as success."""
@@ -498,6 +509,7 @@ class ApiRequest:
     stream: bool = False
     authenticated: bool = True
     form: Mapping[str, str] | None = field(default=None, repr=False)
+    credential: Credential | None = field(default=None, repr=False)  # instead of the Salesforce session
     extra_headers: Mapping[str, str] | None = field(default=None, repr=False)
 
     def body(self) -> bytes | IO[bytes] | None:
@@ -635,11 +647,12 @@ class SalesforceClient:
         """``("renew", 0)``, ``("retry", delay)`` or ``("raise", 0)`` after a failed attempt."""
         err.attempts = att.count
         err.args = (err._text(),)
-        if (err.status == 401 and err.error_code == "INVALID_SESSION_ID" and att.request.authenticated
-                and self.can_renew and not att.renewed):
+        credential = att.request.credential
+        if err.status == 401 and not att.renewed and (credential is not None or (
+                err.error_code == "INVALID_SESSION_ID" and att.request.authenticated and self.can_renew)):
             att.renewed = True
-            log.info("Salesforce session expired or was revoked; logging in again (%s %s)", err.method,
-                     _path_only(err.url))
+            log.info("%s expired or was revoked; renewing it (%s %s)",
+                     credential.name if credential else "Salesforce session", err.method, _path_only(err.url))
             return "renew", 0.0
         if not err.retryable or att.count >= self.retry.max_attempts:
             return "raise", 0.0
@@ -737,8 +750,12 @@ class SalesforceClient:
         timeout = (self.config.connect_timeout, self.config.read_timeout)
         while True:
             att.count += 1
-            token = self._current_token() if req.authenticated else None
-            url = self._url(req, self.instance_url if req.authenticated else "")
+            grant = req.credential.grant() if req.credential is not None else None
+            if grant is not None:
+                token, url = grant.access_token, self._url(req, grant.instance_url)
+            else:
+                token = self._current_token() if req.authenticated else None
+                url = self._url(req, self.instance_url if req.authenticated else "")
             if file_body is not None:
                 file_body.rewind()
             try:
@@ -761,7 +778,10 @@ class SalesforceClient:
             if action == "raise":
                 raise err
             if action == "renew":
-                self._renew(token)
+                if grant is not None:
+                    req.credential.renew(grant)
+                else:
+                    self._renew(token)
             else:
                 time.sleep(delay)
 
@@ -822,8 +842,11 @@ class SalesforceClient:
             await self.alogin()
 
     async def asend(self, req: ApiRequest) -> httpx.Response:
-        """Async twin of :meth:`send` (bodies must be bytes; responses are read completely)."""
+        """Async twin of :meth:`send` (bodies must be bytes; responses are read completely; Salesforce session only)."""
         import httpx
+
+        if req.credential is not None:
+            raise NotImplementedError("asend uses the Salesforce session; a request with a credential needs send")
 
         att = _Attempts(req)
         body = req.body()
