@@ -626,7 +626,8 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _int_param(request: Request, name: str, default: int | None, minimum: int = 0) -> int | None:
+def _int_param(request: Request, name: str, default: int | None, minimum: int = 0,
+               maximum: int | None = None) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
         return default
@@ -636,6 +637,9 @@ def _int_param(request: Request, name: str, default: int | None, minimum: int = 
         raise ApiError(400, "BAD_REQUEST", f"Invalid value for parameter {name}: {raw}") from None
     if value < minimum:
         raise ApiError(400, "BAD_REQUEST", f"Invalid value for parameter {name}: {raw}")
+    if maximum is not None and value > maximum:
+        raise ApiError(400, "BAD_REQUEST", f"Invalid value for parameter {name}: {raw} (must be between {minimum} "
+                       f"and {maximum})")
     return value
 
 
@@ -1276,31 +1280,10 @@ def _v3_check_request(request: Request) -> None:
         raise V3Error(406, "This emulator serves application/json only (no Arrow IPC streams).")
 
 
-def _v3_int(request: Request, name: str, default: int | None, minimum: int = 0,
-            maximum: int | None = None) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise V3Error(400, f"Invalid value for parameter {name}: {raw}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise V3Error(400, f"Invalid value for parameter {name}: {raw} (must be {bound})")
-    return value
-
-
-def _v3_bool(request: Request, name: str) -> bool:
-    try:
-        return _bool_param(request, name, False)
-    except ApiError as err:
-        raise V3Error(400, err.message) from None
-
-
 def _v3_endpoint(handler):
     """What every v3 route does first: check the a360 token, the data space header and the Accept header, and charge
-    the request's latency; a :class:`V3Error` (or a query-sql error) becomes the tenant error body."""
+    the request's latency; a :class:`V3Error`, or an error of the helpers query-sql shares (``_int_param``...), becomes
+    the tenant error body."""
 
     @functools.wraps(handler)  # FastAPI reads the handler's signature through __wrapped__
     async def endpoint(*args: Any, **kwargs: Any) -> Response:
@@ -1369,7 +1352,7 @@ async def v3_submit(request: Request) -> Response:
 async def v3_status(query_id: str, request: Request) -> Response:
     org = auth.org_of(request)
     # "waitTimeMs ... Default and maximum: 10000"
-    wait_ms = min(_v3_int(request, "waitTimeMs", STATUS_WAIT_MAX_MS) or 0, STATUS_WAIT_MAX_MS,
+    wait_ms = min(_int_param(request, "waitTimeMs", STATUS_WAIT_MAX_MS) or 0, STATUS_WAIT_MAX_MS,
                   org.profile.dc_status_long_poll_max_ms)
     svc = service(org)
     q = _v3_get(svc, query_id)
@@ -1386,10 +1369,10 @@ async def v3_rows(query_id: str, request: Request) -> Response:
     org = auth.org_of(request)
     if request.query_params.get("offset") in (None, ""):
         raise V3Error(400, "Missing required parameter offset")
-    offset = _v3_int(request, "offset", 0) or 0
-    limit = _v3_int(request, "limit", None, minimum=1)
-    byte_limit = _v3_int(request, "byteLimit", V3_BYTE_LIMIT_MAX, minimum=1, maximum=V3_BYTE_LIMIT_MAX)
-    omit_schema = _v3_bool(request, "omitSchema")
+    offset = _int_param(request, "offset", 0) or 0
+    limit = _int_param(request, "limit", None, minimum=1)
+    byte_limit = _int_param(request, "byteLimit", V3_BYTE_LIMIT_MAX, minimum=1, maximum=V3_BYTE_LIMIT_MAX)
+    omit_schema = _bool_param(request, "omitSchema", False)
     svc = service(org)
     q = _v3_get(svc, query_id)
     if offset >= q.visible() and not q.finished():
@@ -1416,7 +1399,7 @@ async def v3_rows(query_id: str, request: Request) -> Response:
 async def v3_chunk(query_id: str, chunk_id: str, request: Request) -> Response:
     """Chunk n = rows [n * CHUNK_ROWS, (n + 1) * CHUNK_ROWS), streamed from the rows file (chunked encoding)."""
     org = auth.org_of(request)
-    omit_schema = _v3_bool(request, "omitSchema")
+    omit_schema = _bool_param(request, "omitSchema", False)
     try:
         n = int(chunk_id)
     except ValueError:
